@@ -1,0 +1,51 @@
+# Two commands on a fresh machine:  make demo  (train + sample on CPU)  and  make test.
+# A virtualenv (.venv) is created unless one is already active.
+PYTHON ?= python3
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+DEMO_STEPS ?= 400
+
+.PHONY: install dev demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(PY) pyproject.toml scripts/install_torch.sh
+	scripts/install_torch.sh $(PY)
+	$(PY) -m pip install -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+dev: $(VENV)/.installed-dev
+
+# Demo corpus -> BPE tokenizer -> shards -> pre-train `tiny` on CPU -> export -> samples.
+demo: install
+	$(PY) -m data_pipelines.demo --out $(DEMO_DIR)/data
+	$(VENV)/bin/llada-pretrain run_dir=$(DEMO_DIR)/pretrain data=demo \
+		data.path=$(DEMO_DIR)/data/shards data.tokenizer=$(DEMO_DIR)/data/tokenizer.json \
+		trainer.max_steps=$(DEMO_STEPS) logging.log_every=50 logging.progress_bar=false
+	$(PY) -m llada_train.cli.demo_report --run-dir $(DEMO_DIR)/pretrain
+
+test: dev
+	$(PY) -m pytest -q -ra
+
+lint: dev
+	$(VENV)/bin/ruff check .
+
+bench: dev
+	$(PY) benchmarks/data_bench.py
+	$(PY) benchmarks/train_bench.py
+	$(PY) benchmarks/sample_bench.py --quick
+
+clean:
+	rm -rf runs outputs .pytest_cache

@@ -1,0 +1,21 @@
+"""Masked diffusion: forward process, training objectives, Monte Carlo likelihood."""
+
+from llada_train.diffusion.forward import mask_tokens, maybe_cut_length, sample_mask_prob
+from llada_train.diffusion.losses import (
+    LossOutput,
+    ObjectiveConfig,
+    PretrainObjective,
+    SFTObjective,
+    build_objective,
+)
+
+__all__ = [
+    "LossOutput",
+    "ObjectiveConfig",
+    "PretrainObjective",
+    "SFTObjective",
+    "build_objective",
+    "mask_tokens",
+    "maybe_cut_length",
+    "sample_mask_prob",
+]

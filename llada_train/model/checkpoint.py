@@ -1,0 +1,170 @@
+"""Save and load models in the released LLaDA layout: ``config.json`` + safetensors shards.
+
+The layout is the state-dict adapter of this package: parameter names are already the
+released ones, so import and export are plain copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llada_train.errors import LladaError
+from llada_train.model.config import ModelConfig
+from llada_train.model.transformer import LLaDAModel
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temp name in the same folder, then rename (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_pretrained(
+    state_dict: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``state_dict`` (released names) as a folder loadable by ``load_pretrained``.
+
+    The folder is assembled under a temporary name and renamed into place at the end, so a
+    crash never leaves a half-written export.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in state_dict.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], tmp_dir / SINGLE_NAME, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp_dir / fname, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json_atomic(tmp_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    llada_json = cfg.to_llada_json()
+    some = next(iter(tensors.values()))
+    llada_json["torch_dtype"] = str(some.dtype).removeprefix("torch.")
+    write_json_atomic(tmp_dir / "config.json", llada_json)
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, tmp_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+    return out_dir
+
+
+def copy_tokenizer_files(src: str | Path, dst: Path) -> None:
+    """Copy tokenizer files from a folder, or a single ``tokenizer.json`` path, into ``dst``."""
+    src = Path(src)
+    if src.is_file():
+        shutil.copy2(src, dst / "tokenizer.json")
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of a released-layout folder."""
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise LladaError(f"{path} not found: a model folder needs config.json next to its safetensors")
+    return ModelConfig.from_llada_json(json.loads(path.read_text()), source=str(path))
+
+
+def weight_files(folder: str | Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it; checks every shard exists."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.exists():
+                raise LladaError(f"{f} is listed in {index} but missing: copy the complete checkpoint")
+        return files
+    single = folder / SINGLE_NAME
+    if not single.exists():
+        raise LladaError(f"no {SINGLE_NAME} or {INDEX_NAME} in {folder}: not a released-layout model folder")
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+@torch.no_grad()
+def load_weights_into(
+    model: LLaDAModel,
+    folder: str | Path,
+    param_context: Callable[[torch.nn.Parameter], Any] | None = None,
+) -> None:
+    """Copy every tensor of a released-layout folder into ``model``, one tensor at a time.
+
+    Names and shapes are checked against the model; ``param_context(p)`` wraps each copy
+    (ZeRO-3 passes a gather context so no rank ever holds the whole model).
+    """
+    files = weight_files(folder)
+    params = dict(model.named_parameters())
+    missing, extra = sorted(set(params) - set(files)), sorted(set(files) - set(params))
+    if missing or extra:
+        raise LladaError(
+            f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}); is this a LLaDA checkpoint?"
+        )
+    handles: dict[Path, Any] = {}
+    for name, p in params.items():
+        f = files[name]
+        if f not in handles:
+            handles[f] = safe_open(f, framework="pt")
+        shape = tuple(handles[f].get_slice(name).get_shape())
+        expected = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+        if shape != expected:
+            raise LladaError(
+                f"{f}: {name} has shape {shape} but config.json implies {expected}; "
+                "config.json does not match the weights"
+            )
+        with param_context(p) if param_context else contextlib.nullcontext():
+            p.copy_(handles[f].get_tensor(name).to(p.dtype))
+
+
+def load_pretrained(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LLaDAModel:
+    """Build a ``LLaDAModel`` from a released-layout folder (ours or GSAI-ML's)."""
+    cfg = read_config(folder)
+    with torch.device("meta"):
+        model = LLaDAModel(cfg)
+    model.to_empty(device=device)
+    if dtype is not None:
+        model.to(dtype)
+    load_weights_into(model, folder)
+    return model.eval()

@@ -1,0 +1,58 @@
+"""Build the model for a run: fresh init or a released-layout folder, ZeRO-3 aware."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from llada_train.model.checkpoint import load_weights_into, read_config
+from llada_train.model.config import ModelConfig
+from llada_train.model.transformer import LLaDAModel
+
+# Training switches that a run may set on top of a pretrained folder's architecture.
+RUNTIME_FIELDS = ("attention_backend", "activation_checkpointing")
+
+
+def resolve_model_config(model_cfg: ModelConfig, init_from: str | None) -> ModelConfig:
+    """The architecture: from ``init_from``'s config.json when given, else the run's preset."""
+    if not init_from:
+        return model_cfg
+    pretrained = read_config(init_from)
+    return dataclasses.replace(pretrained, **{k: getattr(model_cfg, k) for k in RUNTIME_FIELDS})
+
+
+def _param_context(zero_stage: int) -> Callable[[torch.nn.Parameter], Any] | None:
+    if zero_stage != 3:
+        return None
+    import deepspeed
+
+    # modifier_rank=0: rank 0's values are broadcast into every partition on exit.
+    return lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+
+
+def build_model(
+    model_cfg: ModelConfig, zero_stage: int, ds_config: dict[str, Any], seed: int, init_from: str | None
+) -> LLaDAModel:
+    """Construct the model; under ZeRO-3 parameters are partitioned as they are created.
+
+    Weights come from ``init_from`` (copied one tensor at a time, never the whole model on a
+    rank under ZeRO-3) or from a seeded init identical on every rank and ZeRO stage.
+    """
+    if zero_stage == 3:
+        import deepspeed
+
+        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        model = LLaDAModel(model_cfg)
+    param_context = _param_context(zero_stage)
+    if init_from:
+        load_weights_into(model, init_from, param_context)
+    else:
+        model.init_weights(torch.Generator().manual_seed(seed), param_context)
+    return model

@@ -1,0 +1,145 @@
+"""Process-group setup and the DeepSpeed config rendered from the Hydra ``deepspeed/`` group."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llada_train.errors import LladaError
+
+
+@dataclass
+class DeepSpeedConfig:
+    """ZeRO settings; the DeepSpeed JSON is derived from this, never kept by hand."""
+
+    zero_stage: int = 0
+    offload_optimizer: bool = False  # ZeRO-2/3: optimizer states in CPU memory
+    offload_param: bool = False  # ZeRO-3: parameters in CPU memory
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed() -> DistInfo:
+    """Join the job's process group (one process alone when no launcher set RANK).
+
+    Uses DeepSpeed's comm init so torchrun, the deepspeed launcher and srun all work; the
+    backend is NCCL on GPU and gloo on CPU.
+    """
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """global = micro x world x accumulation; numbers that do not divide are a start-up error."""
+    per_step = micro_batch * world_size
+    if micro_batch < 1 or global_batch < 1 or global_batch % per_step:
+        raise LladaError(
+            f"trainer.global_batch_size={global_batch} is not a multiple of "
+            f"trainer.micro_batch_size={micro_batch} x world size {world_size} = {per_step}: "
+            f"pick a global batch divisible by {per_step}"
+        )
+    return global_batch // per_step
+
+
+def render_deepspeed_config(
+    cfg: DeepSpeedConfig,
+    global_batch: int,
+    micro_batch: int,
+    world_size: int,
+    grad_clip: float,
+    bf16: bool,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run."""
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise LladaError(f"deepspeed.zero_stage={cfg.zero_stage}; use 0, 1, 2 or 3")
+    if cfg.offload_param and cfg.zero_stage != 3:
+        raise LladaError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+    if cfg.offload_optimizer and cfg.zero_stage < 2:
+        raise LladaError("deepspeed.offload_optimizer needs deepspeed.zero_stage=2 or 3")
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage > 0:
+        zero.update(
+            overlap_comm=cfg.overlap_comm,
+            contiguous_gradients=cfg.contiguous_gradients,
+            reduce_bucket_size=cfg.reduce_bucket_size,
+        )
+    if cfg.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=cfg.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=cfg.stage3_param_persistence_threshold,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": gradient_accumulation_steps(global_batch, micro_batch, world_size),
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # the trainer does its own logging
+        "wall_clock_breakdown": False,
+    }
+
+
+def all_ranks_any(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any rank (used to agree on skips and stops)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_ranks_mean(value: float, device: torch.device) -> float:
+    """Mean of a scalar over ranks (for logging the loss)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item() / dist.get_world_size()

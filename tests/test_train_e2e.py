@@ -1,0 +1,110 @@
+"""Pre-training through the real ``llada-pretrain`` entry point, one process on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llada_train.model import load_pretrained
+from tests.launch_utils import cli, metrics
+
+
+def data_overrides(demo_data) -> list[str]:
+    return [f"data.path={demo_data / 'shards'}", f"data.tokenizer={demo_data / 'tokenizer.json'}"]
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    proc = cli(
+        "llada-pretrain",
+        [
+            f"run_dir={run_dir}",
+            *data_overrides(demo_data),
+            "trainer.max_steps=30",
+            "trainer.seq_len=64",
+            "logging.log_every=1",
+            "logging.progress_bar=false",
+        ],
+    )
+    return run_dir, proc
+
+
+def test_loss_falls_over_30_steps(trained):
+    run_dir, _ = trained
+    losses = [m["loss"] for m in metrics(run_dir)]
+    assert len(losses) == 30
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+
+
+def test_run_dir_holds_config_metrics_checkpoint_and_export(trained):
+    run_dir, proc = trained
+    assert "max_steps: 30" in (run_dir / "config.yaml").read_text()
+    info = json.loads((run_dir / "run_info.jsonl").read_text().splitlines()[0])
+    assert {"git_commit", "git_dirty", "world_size"} <= set(info)
+    row = metrics(run_dir)[-1]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "mem_gib"} <= set(row)
+    assert row["grad_norm"] > 0 and row["tokens"] == 30 * 16 * 64
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000030"
+    model = load_pretrained(run_dir / "export")
+    assert (run_dir / "export" / "tokenizer.json").exists()
+    with torch.no_grad():
+        assert model(torch.tensor([[3, 4, 5]])).shape == (1, 3, 512)
+
+
+def test_rerun_of_a_finished_run_resumes_instead_of_restarting(trained, demo_data):
+    run_dir, _ = trained
+    proc = cli(
+        "llada-pretrain",
+        [f"run_dir={run_dir}", *data_overrides(demo_data), "trainer.max_steps=32", "trainer.seq_len=64",
+         "logging.log_every=1", "logging.progress_bar=false"],
+    )
+    assert "resumed from" in proc.stdout and "at step 30" in proc.stdout
+    assert [m["step"] for m in metrics(run_dir)][-2:] == [31, 32]
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_missing_data_path_is_one_clear_line(tmp_path, demo_data):
+    proc = cli(
+        "llada-pretrain",
+        [f"run_dir={tmp_path / 'r'}", f"data.path={tmp_path / 'nowhere'}",
+         f"data.tokenizer={demo_data / 'tokenizer.json'}"],
+        check=False,
+    )
+    assert str(tmp_path / "nowhere") in _one_error_line(proc)
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_one_clear_line(tmp_path, demo_data):
+    proc = cli(
+        "llada-pretrain",
+        [f"run_dir={tmp_path / 'r'}", *data_overrides(demo_data), "model.vocab_size=300"],
+        check=False,
+    )
+    line = _one_error_line(proc)
+    assert "vocab" in line and "512" in line
+
+
+def test_batch_sizes_that_do_not_divide_are_one_clear_line(tmp_path, demo_data):
+    proc = cli(
+        "llada-pretrain",
+        [f"run_dir={tmp_path / 'r'}", *data_overrides(demo_data), "trainer.global_batch_size=10",
+         "trainer.micro_batch_size=4"],
+        check=False,
+    )
+    assert "global_batch_size=10" in _one_error_line(proc)
+
+
+def test_config_typo_fails_with_hydras_message(tmp_path):
+    proc = cli("llada-pretrain", [f"run_dir={tmp_path / 'r'}", "trainer.max_stepz=3"], check=False)
+    assert proc.returncode != 0
+    assert "max_stepz" in proc.stderr and "Traceback" not in proc.stderr
