@@ -155,7 +155,7 @@ def consolidate_checkpoint(run_dir: str | Path, tag: str | None = None) -> dict[
     if state["zero_stage"] == 0:
         # stage 0 writes no ZeRO shards: the module state is complete in the model file
         files = sorted((root / tag).glob("mp_rank_*_model_states.pt"))
-        blob = torch.load(files[0], map_location="cpu", weights_only=False)
+        blob = torch.load(files[0], map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in blob["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
