@@ -9,6 +9,7 @@ endif
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DEMO_STEPS ?= 400
+DEMO_SFT_STEPS ?= 250
 
 .PHONY: install dev demo test lint bench clean
 
@@ -28,13 +29,17 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 
 dev: $(VENV)/.installed-dev
 
-# Demo corpus -> BPE tokenizer -> shards -> pre-train `tiny` on CPU -> export -> samples.
+# Demo corpus -> BPE tokenizer -> shards -> pre-train `tiny` on CPU -> export -> SFT on the
+# demo chat set -> samples from both. Re-running resumes finished stages instead of redoing them.
 demo: install
 	$(PY) -m data_pipelines.demo --out $(DEMO_DIR)/data
 	$(VENV)/bin/llada-pretrain run_dir=$(DEMO_DIR)/pretrain data=demo \
 		data.path=$(DEMO_DIR)/data/shards data.tokenizer=$(DEMO_DIR)/data/tokenizer.json \
 		trainer.max_steps=$(DEMO_STEPS) logging.log_every=50 logging.progress_bar=false
-	$(PY) -m llada_train.cli.demo_report --run-dir $(DEMO_DIR)/pretrain
+	$(VENV)/bin/llada-sft run_dir=$(DEMO_DIR)/sft init_from=$(DEMO_DIR)/pretrain/export data=sft_demo \
+		data.path=$(DEMO_DIR)/data/sft data.tokenizer=$(DEMO_DIR)/data/tokenizer.json \
+		trainer=sft_demo schedule=sft_demo trainer.max_steps=$(DEMO_SFT_STEPS) logging.log_every=50 logging.progress_bar=false
+	$(PY) -m llada_train.cli.demo_report --run-dir $(DEMO_DIR)/pretrain --sft-dir $(DEMO_DIR)/sft
 
 test: dev
 	$(PY) -m pytest -q -ra

@@ -47,7 +47,7 @@ def test_run_dir_holds_config_metrics_checkpoint_and_export(trained):
     assert {"git_commit", "git_dirty", "world_size"} <= set(info)
     row = metrics(run_dir)[-1]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "mem_gib"} <= set(row)
-    assert row["grad_norm"] > 0 and row["tokens"] == 30 * 16 * 64
+    assert row["grad_norm"] > 0 and 0.95 * 30 * 16 * 64 <= row["tokens"] <= 30 * 16 * 64
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000030"
     model = load_pretrained(run_dir / "export")
     assert (run_dir / "export" / "tokenizer.json").exists()

@@ -136,10 +136,10 @@ def all_ranks_any(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def all_ranks_mean(value: float, device: torch.device) -> float:
-    """Mean of a scalar over ranks (for logging the loss)."""
+def all_ranks_mean(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise mean over ranks of a few scalars (loss, token counts) in one collective."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
+    return (t / dist.get_world_size()).tolist()

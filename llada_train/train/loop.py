@@ -178,8 +178,8 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
     # ---- the loop ----------------------------------------------------------------------
-    def _micro_batch(self) -> tuple[float, bool]:
-        """One forward/backward; returns (loss, skipped) with the skip agreed by all ranks."""
+    def _micro_batch(self) -> tuple[float, int, bool]:
+        """One forward/backward; returns (loss, tokens, skipped), the skip agreed by all ranks."""
         batch = {k: v.to(self.dist.device) for k, v in next(self.reader).items()}
         self.batches_drawn += 1
         out = self.objective(self.engine, batch, self.generator)
@@ -187,14 +187,14 @@ class Trainer:
         if self.batches_drawn in self.cfg.inject_nan_at_batches:
             loss = loss * float("nan")
         if all_ranks_any(not torch.isfinite(loss).item(), self.dist.device):
-            return float("nan"), True
+            return float("nan"), 0, True
         self.engine.backward(loss)
         if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
             # DeepSpeed's plain fp32 path clips without recording the norm; measure it here
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             self._grad_norm = float(torch.nn.utils.get_total_norm(grads))
         self.engine.step()
-        return loss.item(), False
+        return loss.item(), out.num_tokens, False
 
     def train_step(self) -> float:
         """One optimizer step of ``grad_accum`` finite micro-batches; returns the mean loss."""
@@ -204,8 +204,9 @@ class Trainer:
         self._lr = lr
         losses: list[float] = []
         bad_in_a_row = 0
+        step_tokens = 0
         while len(losses) < self.grad_accum:
-            loss, skipped = self._micro_batch()
+            loss, tokens, skipped = self._micro_batch()
             if skipped:
                 self.skipped += 1
                 bad_in_a_row += 1
@@ -219,9 +220,12 @@ class Trainer:
                 continue
             bad_in_a_row = 0
             losses.append(loss)
+            step_tokens += tokens
         self.step += 1
-        self.tokens += self.cfg.global_batch_size * self.cfg.seq_len
-        return all_ranks_mean(sum(losses) / len(losses), self.dist.device)
+        # tokens the model actually saw (SFT batches and 1% cuts are shorter than seq_len)
+        mean_loss, mean_tokens = all_ranks_mean([sum(losses) / len(losses), step_tokens], self.dist.device)
+        self.tokens += mean_tokens * self.dist.world_size
+        return mean_loss
 
     def fit(self) -> TrainResult:
         """Run to ``max_steps`` (resuming if a checkpoint exists), save, export."""
@@ -256,7 +260,7 @@ class Trainer:
                         "lr": self._lr,
                         "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                         "tokens_per_s": tok_s,
-                        "samples_per_s": tok_s / self.cfg.seq_len,
+                        "samples_per_s": (self.step - step0) * self.cfg.global_batch_size / max(dt, 1e-9),
                         "mfu": tok_s * fpt / (self.cfg.peak_flops_per_device * self.dist.world_size),
                         "mem_gib": memory_gib(self.dist.device),
                         "tokens": self.tokens,

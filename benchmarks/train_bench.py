@@ -1,0 +1,193 @@
+"""Trainer speed and ZeRO memory, each against a bare baseline measured in the same run.
+
+    python benchmarks/train_bench.py [--steps 30] [--skip-memory]
+
+Rows:
+- trainer tokens/s vs a bare PyTorch loop (same model, objective, batch, AdamW, clipping) on
+  this machine's device, one process; blocks of steps alternate A/B to share the noise;
+- per-rank memory of ZeRO-3 vs ZeRO-0 with 2 ranks (torchrun, gloo on CPU): growth of the
+  resident set over the run and bytes of model states (parameters, gradients, optimizer);
+- on a CUDA machine: MFU of `llada_1b` at sequence 4096 in bf16 on one GPU, SDPA vs flash-attn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from llada_train.config import LoggingConfig, OptimConfig, TrainerConfig  # noqa: E402
+from llada_train.diffusion import ObjectiveConfig, PretrainObjective  # noqa: E402
+from llada_train.model import LLaDAModel, ModelConfig  # noqa: E402
+from llada_train.train.distributed import DeepSpeedConfig, init_distributed  # noqa: E402
+from llada_train.train.loop import Trainer  # noqa: E402
+from llada_train.train.schedule import ScheduleConfig  # noqa: E402
+
+
+class RandomTokens:
+    """A reader of random windows with the trainer's reader interface."""
+
+    def __init__(self, batch: int, seq_len: int, vocab: int, seed: int) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        self.shape, self.vocab, self.drawn = (batch, seq_len), vocab, 0
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        self.drawn += 1
+        return {"input_ids": torch.randint(3, self.vocab, self.shape, generator=self.g)}
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn = state["drawn"]
+
+
+def make_model(cfg: ModelConfig, seed: int = 0) -> LLaDAModel:
+    model = LLaDAModel(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+def bench_speed(steps: int, blocks: int, batch: int, seq_len: int) -> tuple[float, float]:
+    """(trainer tokens/s, bare-loop tokens/s) for the `tiny` shape on this device."""
+    info = init_distributed()
+    cfg = ModelConfig()  # the tiny preset's shape
+    objective = PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id)
+    run_dir = Path(tempfile.mkdtemp(prefix="train_bench_"))
+    trainer = Trainer(
+        model=make_model(cfg), model_cfg=cfg, objective=objective,
+        reader=RandomTokens(batch, seq_len, cfg.vocab_size, 0), dist_info=info, run_dir=run_dir, seed=0,
+        trainer=TrainerConfig(max_steps=10**9, global_batch_size=batch, micro_batch_size=batch, seq_len=seq_len),
+        optim=OptimConfig(), schedule=ScheduleConfig(name="constant", peak_lr=1e-3, warmup_steps=1),
+        deepspeed_cfg=DeepSpeedConfig(zero_stage=0), logging=LoggingConfig(progress_bar=False),
+    )
+    bare = make_model(cfg).to(info.device)
+    opt = torch.optim.AdamW(bare.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    reader = RandomTokens(batch, seq_len, cfg.vocab_size, 1)
+    gen = torch.Generator(device=info.device).manual_seed(0)
+
+    def bare_step() -> None:
+        batch_ = {k: v.to(info.device) for k, v in next(reader).items()}
+        loss = objective(bare, batch_, gen).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up both paths
+        trainer.train_step()
+        bare_step()
+    t_ours = t_bare = 0.0
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        t_ours += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            bare_step()
+        t_bare += time.perf_counter() - t0
+    tokens = blocks * steps * batch * seq_len
+    return tokens / t_ours, tokens / t_bare
+
+
+def bench_memory(world: int = 2) -> dict[int, dict[str, float]]:
+    """Launch the memory worker under torchrun for ZeRO-0 and ZeRO-3; max over ranks."""
+    out: dict[int, dict[str, float]] = {}
+    for stage in (0, 3):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MEM_OUT=tmp, ZERO_STAGE=str(stage))
+            subprocess.run(
+                [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={world}",
+                 str(Path(__file__).with_name("zero_memory_worker.py"))],
+                env=env, check=True, capture_output=True, text=True,
+            )
+            rows = [json.loads(p.read_text()) for p in Path(tmp).glob("rank*.json")]
+        out[stage] = {k: max(r[k] for r in rows) for k in rows[0]}
+    return out
+
+
+def bench_gpu_mfu() -> list[tuple[str, float]]:
+    """MFU of llada_1b, seq 4096, bf16, one GPU: (backend, mfu) rows."""
+    from omegaconf import OmegaConf
+
+    from llada_train.train.metrics import flops_per_token
+
+    raw = OmegaConf.load(REPO / "conf" / "model" / "llada_1b.yaml")
+    rows = []
+    for backend in ("sdpa", "flash"):
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+        cfg.attention_backend = backend
+        if backend == "flash":
+            try:
+                import flash_attn  # noqa: F401
+            except ImportError:
+                rows.append((backend, float("nan")))
+                continue
+        model = make_model(cfg).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        objective = PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        batch = {"input_ids": torch.randint(3, cfg.vocab_size, (2, 4096), device="cuda")}
+        n = sum(p.numel() for p in model.parameters())
+
+        def step() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = objective(model, batch, gen).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0, iters = time.perf_counter(), 10
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+        tok_s = iters * 2 * 4096 / (time.perf_counter() - t0)
+        rows.append((backend, tok_s * flops_per_token(cfg, 4096, n) / 989e12))
+        del model, opt
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--blocks", type=int, default=4, help="alternating A/B blocks")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+
+    ours, bare = bench_speed(args.steps, args.blocks, args.batch, args.seq_len)
+    print("\n| measurement | ours | baseline | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| trainer tokens/s vs bare PyTorch loop (tiny, {args.batch}x{args.seq_len}, 1 process) "
+          f"| {ours:,.0f} | {bare:,.0f} | {ours / bare:.3f}x | >= 0.95x |")
+    if not args.skip_memory:
+        mem = bench_memory()
+        for key, label in (("rss_growth_mib", "resident memory growth per rank"),
+                           ("model_state_mib", "model states per rank (params+grads+Adam)")):
+            z0, z3 = mem[0][key], mem[3][key]
+            print(f"| ZeRO-3 vs ZeRO-0 {label}, 2 ranks (MiB) | {z3:,.0f} | {z0:,.0f} | {z3 / z0:.3f}x | <= 0.6x |")
+    if torch.cuda.is_available():
+        for backend, mfu in bench_gpu_mfu():
+            print(f"| MFU llada_1b seq 4096 bf16, 1 GPU, {backend} | {mfu:.1%} | | | >= 45% |")
+    else:
+        print("| MFU llada_1b seq 4096 bf16 (needs a CUDA GPU) | not measured | | | >= 45% |")
+
+
+if __name__ == "__main__":
+    main()

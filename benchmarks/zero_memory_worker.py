@@ -1,0 +1,95 @@
+"""One rank of train_bench's ZeRO memory row: build, train 2 steps, report memory as JSON.
+
+Launched by ``torchrun`` from train_bench.py with ZERO_STAGE and MEM_OUT set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_bench import RandomTokens  # noqa: E402
+
+from llada_train.config import LoggingConfig, OptimConfig, TrainerConfig  # noqa: E402
+from llada_train.diffusion import ObjectiveConfig, PretrainObjective  # noqa: E402
+from llada_train.model import ModelConfig  # noqa: E402
+from llada_train.train.build import build_model  # noqa: E402
+from llada_train.train.distributed import DeepSpeedConfig, init_distributed, render_deepspeed_config  # noqa: E402
+from llada_train.train.loop import Trainer  # noqa: E402
+from llada_train.train.schedule import ScheduleConfig  # noqa: E402
+
+MIB = 2**20
+
+
+def trimmed_rss(proc: psutil.Process) -> int:
+    """Resident set after glibc hands freed heap pages back (so RSS means live memory)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return proc.memory_info().rss
+
+
+def model_state_bytes(trainer: Trainer) -> int:
+    """Bytes of this rank's parameters, gradients and optimizer states, each tensor once."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor | None) -> None:
+        if t is not None and t.numel():
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+
+    for p in trainer.engine.module.parameters():
+        add(p.ds_tensor if hasattr(p, "ds_tensor") else p)
+        add(p.grad)
+    inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)
+    for group in inner.param_groups:  # ZeRO's fp32 partitions (and their grads) live here
+        for p in group["params"]:
+            add(p)
+            add(p.grad)
+    for state in inner.state.values():
+        for t in state.values():
+            if torch.is_tensor(t):
+                add(t)
+    return sum(seen.values())
+
+
+def main() -> None:
+    stage = int(os.environ["ZERO_STAGE"])
+    info = init_distributed()
+    proc = psutil.Process()
+    rss0 = trimmed_rss(proc)
+    cfg = ModelConfig(d_model=768, n_layers=8, n_heads=12, n_kv_heads=12, mlp_hidden_size=2048, vocab_size=512)
+    # buckets sized for a ~60M model: the 50M-element defaults would dominate its memory
+    ds = DeepSpeedConfig(zero_stage=stage, reduce_bucket_size=2_000_000, stage3_prefetch_bucket_size=2_000_000)
+    tcfg = TrainerConfig(max_steps=10**9, global_batch_size=2, micro_batch_size=1, seq_len=32)
+    ds_json = render_deepspeed_config(ds, 2, 1, info.world_size, 1.0, False)
+    model = build_model(cfg, stage, ds_json, seed=0, init_from=None)
+    trainer = Trainer(
+        model=model, model_cfg=cfg,
+        objective=PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id),
+        reader=RandomTokens(1, 32, cfg.vocab_size, info.rank), dist_info=info,
+        run_dir=Path(tempfile.mkdtemp()), seed=0, trainer=tcfg, optim=OptimConfig(),
+        schedule=ScheduleConfig(name="constant", peak_lr=1e-4, warmup_steps=1), deepspeed_cfg=ds,
+        logging=LoggingConfig(progress_bar=False),
+    )
+    for _ in range(2):
+        trainer.train_step()
+    # growth over the run, not peak RSS: imports and the process group cost the same for both
+    row = {
+        "rss_growth_mib": (trimmed_rss(proc) - rss0) / MIB,
+        "model_state_mib": model_state_bytes(trainer) / MIB,
+    }
+    Path(os.environ["MEM_OUT"], f"rank{info.rank}.json").write_text(json.dumps(row))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
