@@ -26,15 +26,16 @@ for module in ("llada_train.cli.generate", "llada_train.cli.eval"):
 def _compose(root: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(config_name=root, overrides=overrides)
-    # resolve every interpolation and convert through the dataclass schema
+    # required paths (``???``) get a placeholder; then resolve and convert through the schema
+    for key in OmegaConf.missing_keys(cfg):
+        OmegaConf.update(cfg, key, "placeholder/path")
     OmegaConf.to_object(cfg)
     return cfg
 
 
 @pytest.mark.parametrize("root", ROOTS)
 def test_root_config_composes(root):
-    overrides = ["init_from=some/folder"] if root == "sft" else []
-    _compose(root, overrides)
+    _compose(root, [])
 
 
 def _options() -> list[tuple[str, str]]:
@@ -47,7 +48,7 @@ def test_every_group_option_composes(group, option):
     errors = []
     for root in roots:
         try:
-            _compose(root, [f"{group}={option}", "init_from=x"])
+            _compose(root, [f"{group}={option}"])
             return
         except Exception as exc:  # a data option fits exactly one of the roots
             errors.append(f"{root}: {exc}")

@@ -153,3 +153,17 @@ def test_bad_shapes_in_config_are_rejected():
         ModelConfig(d_model=30, n_heads=4)
     with pytest.raises(LladaError, match="mask_token_id"):
         ModelConfig(vocab_size=10, mask_token_id=10)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny):
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for flag in (False, True):
+        tiny.config.activation_checkpointing = flag
+        tiny.train()
+        tiny.zero_grad()
+        tiny(ids).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in tiny.named_parameters()})
+    tiny.config.activation_checkpointing = False
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

@@ -100,7 +100,7 @@ def test_init_from_a_folder_with_a_missing_shard_or_wrong_config(base_export, de
     cfg["n_layers"] = 6
     (wrong / "config.json").write_text(json.dumps(cfg))
     proc = cli("llada-sft", sft_args(tmp_path / "b", wrong, demo_data / "sft", demo_data / "tokenizer.json"), check=False)
-    assert "does not match" in _error_line(proc)
+    assert "match config.json" in _error_line(proc)
 
 
 def test_pretrain_export_then_sft_on_gsm8k_loss_falls(shared_data, tmp_path):

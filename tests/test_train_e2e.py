@@ -108,3 +108,20 @@ def test_config_typo_fails_with_hydras_message(tmp_path):
     proc = cli("llada-pretrain", [f"run_dir={tmp_path / 'r'}", "trainer.max_stepz=3"], check=False)
     assert proc.returncode != 0
     assert "max_stepz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_wandb_offline_writes_into_the_run_dir_and_logs_no_secrets(tmp_path, demo_data, monkeypatch):
+    run_dir = tmp_path / "w"
+    cli("llada-pretrain", [f"run_dir={run_dir}", *data_overrides(demo_data), "trainer.max_steps=2",
+                           "trainer.seq_len=32", "logging.wandb_mode=offline", "logging.progress_bar=false"])
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert (run_dir / "wandb_id.txt").read_text().strip() in runs[0].name
+
+
+def test_scrub_secrets_drops_credentials_but_keeps_token_ids():
+    from llada_train.train.metrics import scrub_secrets
+
+    cfg = {"logging": {"wandb_api_key": "abc", "wandb_project": "p"}, "model": {"mask_token_id": 2},
+           "hf_token": "xyz"}
+    assert scrub_secrets(cfg) == {"logging": {"wandb_project": "p"}, "model": {"mask_token_id": 2}}

@@ -22,7 +22,7 @@ from llada_train.model.config import ModelConfig
 from llada_train.tokenizer import check_tokenizer_fits, load_tokenizer
 from llada_train.train.build import build_model, resolve_model_config
 from llada_train.train.distributed import init_distributed, render_deepspeed_config
-from llada_train.train.loop import Trainer, TrainResult, use_bf16
+from llada_train.train.loop import Trainer, TrainResult, install_preemption_handlers, use_bf16
 
 
 def code_version() -> dict[str, Any]:
@@ -66,6 +66,7 @@ ReaderBuilder = Callable[[Any, ModelConfig, int, int, int, int, int], Any]
 
 def run_training(cfg: DictConfig, build_reader: ReaderBuilder) -> TrainResult:
     """Build model, data, objective and trainer from the root config, then train."""
+    install_preemption_handlers()
     info = init_distributed()
     try:
         run_dir = Path(cfg.run_dir)

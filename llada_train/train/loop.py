@@ -26,6 +26,21 @@ from llada_train.train.distributed import (
 from llada_train.train.metrics import MetricsLogger, flops_per_token, memory_gib
 from llada_train.train.schedule import ScheduleConfig, lr_at
 
+_PREEMPTION_SIGNALS: list[int] = []
+
+
+def _record_signal(signum: int, _frame: Any) -> None:
+    _PREEMPTION_SIGNALS.append(signum)
+
+
+def install_preemption_handlers() -> None:
+    """SIGTERM/SIGUSR1 (SLURM pre-emption) -> checkpoint at the end of the current step, exit.
+
+    Installed as early as possible so a signal during start-up is remembered, not fatal.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _record_signal)
+
 
 class Reader(Protocol):
     def __next__(self) -> dict[str, torch.Tensor]: ...
@@ -112,7 +127,6 @@ class Trainer:
         self.tokens = 0.0
         self.batches_drawn = 0
         self.skipped = 0
-        self._signal: int | None = None
         self._grad_norm = math.nan
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -168,15 +182,6 @@ class Trainer:
             print(f"resumed from {ckpt.checkpoint_dir(self.run_dir) / tag} at step {self.step}", flush=True)
         return True
 
-    # ---- signals -----------------------------------------------------------------------
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._signal = signum
-
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGUSR1 (SLURM pre-emption) -> checkpoint at the next step, then exit."""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-
     # ---- the loop ----------------------------------------------------------------------
     def _micro_batch(self) -> tuple[float, int, bool]:
         """One forward/backward; returns (loss, tokens, skipped), the skip agreed by all ranks."""
@@ -229,8 +234,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Run to ``max_steps`` (resuming if a checkpoint exists), save, export."""
+        install_preemption_handlers()
         self.maybe_resume()
-        self.install_signal_handlers()
         logged: list[float] = []
         preempted = False
         fpt = flops_per_token(self.model_cfg, self.cfg.seq_len, self.n_params)
@@ -272,7 +277,7 @@ class Trainer:
                 t0, tokens0, step0 = time.perf_counter(), self.tokens, self.step
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
                 self.save()
-            if all_ranks_any(self._signal is not None, self.dist.device):
+            if all_ranks_any(bool(_PREEMPTION_SIGNALS), self.dist.device):
                 if self.rank0:
                     print(f"pre-emption signal received: checkpointing at step {self.step}", flush=True)
                 preempted = True

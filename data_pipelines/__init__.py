@@ -1,0 +1,1 @@
+"""Offline data preparation: tokenization to shards, SFT records, the demo corpus."""

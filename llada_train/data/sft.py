@@ -1,0 +1,150 @@
+"""SFT reader: memory-mapped records, shuffled by seed/epoch, padded with EOS per batch.
+
+The EOS padding is part of the response (SPEC §3): the collator only pads; the SFT
+objective masks and scores the padding like any response token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llada_train.data.config import SFTDataConfig
+from llada_train.data.manifest import check_file, check_tokenizer, manifest_path, read_json
+from llada_train.data.stream import StreamReader
+from llada_train.errors import LladaError
+
+
+def collate_sft(
+    seqs: list[np.ndarray],
+    prompt_lens: list[int],
+    eos_id: int,
+    multiple_of: int = 1,
+    length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Right-pad records with ``eos_id`` to the longest (rounded up to ``multiple_of``), or to ``length``."""
+    L = max(len(s) for s in seqs)
+    L = -(-L // multiple_of) * multiple_of
+    if length is not None:
+        if max(len(s) for s in seqs) > length:
+            raise LladaError(
+                f"an SFT record has {max(len(s) for s in seqs)} tokens, more than data.pad_to_length={length}: "
+                "raise it or rebuild the records with llada-sft-data --max-length"
+            )
+        L = length
+    ids = np.full((len(seqs), L), eos_id, dtype=np.int64)  # (B, L)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "prompt_len": torch.tensor(prompt_lens, dtype=torch.long),
+    }
+
+
+class SFTRecords:
+    """Records folder of ``llada-sft-data``; ``__call__`` fetches and collates a batch."""
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        eos_id: int,
+        multiple_of: int,
+        length: int | None,
+    ) -> None:
+        self.folder, self.m = folder, manifest
+        self.eos_id, self.multiple_of, self.length = eos_id, multiple_of, length
+        self.num_records = int(manifest["num_records"])
+        self._maps: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": None}
+
+    def _open(self) -> dict[str, np.ndarray]:
+        if self._maps is None:
+            self._maps = {
+                k: np.memmap(self.folder / f["file"], dtype=f["dtype"], mode="r").view(np.ndarray)
+                for k, f in self.m["files"].items()
+            }
+        return self._maps
+
+    def __call__(self, src: np.ndarray, items: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
+        """Collated batches for ``items`` (g, B): g dicts, each padded to its own longest record."""
+        m = self._open()
+        off, plen, toks = m["offsets"], m["prompt_len"], m["tokens"]
+        for row in items.tolist():
+            seqs = [toks[off[i] : off[i + 1]] for i in row]
+            yield collate_sft(
+                seqs, [int(plen[i]) for i in row], self.eos_id, self.multiple_of, self.length
+            )
+
+
+def load_sft_manifest(path: str | Path, verify_checksums: bool = False) -> dict[str, Any]:
+    """The records manifest after checking its files (existence, sizes, optional sha256)."""
+    mpath = manifest_path(path)
+    m = read_json(mpath)
+    if m.get("format") != "llada-sft-records":
+        raise LladaError(
+            f"{mpath} is not an SFT records manifest: build records with llada-sft-data"
+        )
+    for f in m["files"].values():
+        check_file(
+            mpath.parent / f["file"],
+            int(f["num_items"]),
+            np.dtype(f["dtype"]),
+            f.get("sha256") if verify_checksums else None,
+            "SFT records file",
+        )
+    if m["files"]["offsets"]["num_items"] != m["num_records"] + 1:
+        raise LladaError(f"{mpath}: offsets do not match num_records; rebuild the records")
+    return m
+
+
+def build_sft_reader(
+    cfg: SFTDataConfig,
+    micro_batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    eos_token_id: int,
+) -> StreamReader:
+    """Reader whose ``next()`` gives ``{"input_ids": (B, L), "prompt_len": (B,)}`` forever.
+
+    Extra attributes: ``num_records``, ``vocab_size``, ``manifest``; ``epoch`` is a property.
+    """
+    m = load_sft_manifest(cfg.path, cfg.verify_checksums)
+    check_tokenizer(m, cfg.tokenizer, f"in SFT records {cfg.path}")
+    if m.get("eos_id") is not None and int(m["eos_id"]) != eos_token_id:
+        raise LladaError(
+            f"EOS mismatch in SFT records {cfg.path}: records use EOS id {m['eos_id']}, the model {eos_token_id}: "
+            "set model.eos_token_id to the tokenizer's EOS or rebuild the records"
+        )
+    records = SFTRecords(
+        manifest_path(cfg.path).parent,
+        m,
+        eos_token_id,
+        max(1, cfg.pad_to_multiple_of),
+        cfg.pad_to_length,
+    )
+    reader = StreamReader(
+        records,
+        sizes=[records.num_records],
+        weights=[1.0],
+        batch=micro_batch_size,
+        seed=seed,
+        rank=rank,
+        world=world_size,
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor,
+        identity={"kind": "sft", "records_sha256": m["files"]["tokens"].get("sha256")},
+    )
+    reader.num_records, reader.vocab_size, reader.manifest = (
+        records.num_records,
+        int(m["vocab_size"]),
+        m,
+    )
+    return reader
