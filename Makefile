@@ -8,8 +8,8 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
-DEMO_STEPS ?= 400
-DEMO_SFT_STEPS ?= 250
+DEMO_STEPS ?= 600
+DEMO_SFT_STEPS ?= 400
 
 .PHONY: install dev demo test lint bench clean
 

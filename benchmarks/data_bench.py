@@ -114,7 +114,8 @@ def timed_rate(fn, seconds: float) -> float:
 
 def big_shards(small: Path, out: Path, min_tokens: int) -> Path:
     """The tokenized text tiled to >= ``min_tokens`` in 4M-token shards (larger than CPU caches)."""
-    from data_pipelines.shards import shard_name, write_array_atomic, write_json_atomic
+    from data_pipelines.shards import shard_name, write_array_atomic
+    from llada_train.atomic import write_json_atomic
 
     m = json.loads((small / "manifest.json").read_text())
     stream = np.concatenate([np.fromfile(small / s["file"], dtype=m["dtype"]) for s in m["shards"]])

@@ -5,7 +5,7 @@ modular arithmetic written out step by step, e.g. prompt ``3+4*2-5=`` and respon
 ``3+4=7,7*2=4,4-5=9,#9`` followed by EOS padding. The same held-out problems are then
 decoded with each method and the final answer after ``#`` is checked.
 
-    python benchmarks/sample_bench.py            # ~8 min on 2 CPU cores
+    python benchmarks/sample_bench.py            # ~9 min on a busy 2-core CPU (8 train, 1 decode)
     python benchmarks/sample_bench.py --quick    # shorter training, fewer problems
 
 Targets (issue 6): MED and threshold decoding need >= 2.5x fewer NFE than one token per
@@ -159,38 +159,47 @@ def accuracy(generated: torch.Tensor, answers: list[str]) -> float:
     return 100.0 * sum(p == a for p, a in zip(preds, answers, strict=True)) / len(answers)
 
 
-def run_methods(model: LLaDAModel, task: Task, n_eval: int, seed: int) -> list[tuple[str, float, float]]:
-    """(method, accuracy %, mean NFE per problem) rows."""
+def run_methods(model: LLaDAModel, task: Task, n_eval: int, seed: int) -> list[tuple[str, float, float, float]]:
+    """(method, accuracy %, mean NFE per problem, decode seconds) rows, in table order."""
     data = task.batch(random.Random(seed + 1), n_eval)
     prompts = data["input_ids"][:, : task.prompt_length]
     answers = data["answers"]
     G = task.gen_length
     kw = {"mask_token_id": MASK}
-    rows: list[tuple[str, float, float]] = []
+    rows: list[tuple[str, float, float, float]] = []
 
-    def add(name: str, out) -> None:
-        nfe = out.row_nfe.double().mean().item() if out.row_nfe is not None else float(out.nfe)
-        rows.append((name, accuracy(out.generated, answers), nfe))
+    def add(name: str, run) -> None:
+        t0 = time.perf_counter()
+        out = run()
+        seconds = time.perf_counter() - t0
+        if hasattr(out, "answers"):  # HEX: voted answers, NFE summed over members
+            acc = 100.0 * sum(p == a for p, a in zip(out.answers, answers, strict=True)) / len(answers)
+            rows.append((name, acc, float(out.nfe), seconds))
+        else:  # row_nfe: what each problem would cost decoded alone
+            rows.append((name, accuracy(out.generated, answers), out.row_nfe.double().mean().item(), seconds))
 
-    add(f"low-confidence, 1 token/step (steps={G})", generate(model, prompts, G, G, G, **kw))
-    add(f"semi-AR block 8, 1 token/step (steps={G})", generate(model, prompts, G, G, 8, **kw))
-    add("MED (lambda=0.2)", med_generate(model, prompts, G, G, entropy_threshold=0.2, **kw))
-    add("threshold (tau=0.9)", fast_generate(model, prompts, G, G, threshold=0.9, **kw))
-    add("threshold (tau=0.9) + prefix cache, block 8",
-        fast_generate(model, prompts, G, 8, threshold=0.9, use_cache=True, **kw))
+    add(f"low-confidence, 1 token/step (steps={G})", lambda: generate(model, prompts, G, G, G, **kw))
+    add(f"semi-AR block 8, 1 token/step (steps={G})", lambda: generate(model, prompts, G, G, 8, **kw))
+    add("MED (lambda=0.2)", lambda: med_generate(model, prompts, G, G, entropy_threshold=0.2, **kw))
+    add("threshold (tau=0.9)", lambda: fast_generate(model, prompts, G, G, threshold=0.9, **kw))
+    add("threshold (tau=0.9), block 8",
+        lambda: fast_generate(model, prompts, G, 8, threshold=0.9, **kw))
+    add("threshold (tau=0.9), block 8 + prefix KV cache",
+        lambda: fast_generate(model, prompts, G, 8, threshold=0.9, use_cache=True, **kw))
     # HEX against the single schedules it is made of: same 2 tokens per step
     half = G // 2
     for b in (G, 8):
-        add(f"low-confidence block {b}, 2 tokens/step (steps={half})", generate(model, prompts, G, half, b, **kw))
-    hx = hex_generate(model, prompts, G, decode=decode, extract=extract, block_lengths=task.hex_blocks,
-                      tokens_per_step=2, **kw)
-    hex_acc = 100.0 * sum(p == a for p, a in zip(hx.answers, answers, strict=True)) / len(answers)
-    rows.append((f"HEX blocks {task.hex_blocks}, 2 tokens/step", hex_acc, float(hx.nfe)))
+        add(f"low-confidence block {b}, 2 tokens/step (steps={half})",
+            lambda b=b: generate(model, prompts, G, half, b, **kw))
+    add(f"HEX blocks {task.hex_blocks}, 2 tokens/step",
+        lambda: hex_generate(model, prompts, G, decode=decode, extract=extract, block_lengths=task.hex_blocks,
+                             tokens_per_step=2, **kw))
     # TOLERATOR against low-confidence decoding with the same number of forward passes
     for budget in (8, 16):
-        add(f"low-confidence (steps={budget})", generate(model, prompts, G, budget, G, **kw))
-        add(f"TOLERATOR (budget={budget})",
-            tolerator_generate(model, prompts, G, budget, eot_token_ids=[EOS], generator=torch.Generator().manual_seed(seed), **kw))
+        add(f"low-confidence (steps={budget})", lambda budget=budget: generate(model, prompts, G, budget, G, **kw))
+        add(f"TOLERATOR (budget={budget}, rho=0.5)",
+            lambda budget=budget: tolerator_generate(model, prompts, G, budget, eot_token_ids=[EOS],
+                                                     generator=torch.Generator().manual_seed(seed), **kw))
     return rows
 
 
@@ -207,7 +216,7 @@ def main() -> None:
     parser.add_argument("--load", type=Path, default=None, help="skip training: load a saved state_dict")
     args = parser.parse_args()
     steps = args.steps or (800 if args.quick else 3000)
-    n_eval = args.n_eval or (200 if args.quick else 500)
+    n_eval = args.n_eval or (200 if args.quick else 300)
     # one thread: small matmuls gain little from more, and shared CPUs punish oversubscription
     torch.set_num_threads(args.threads)
     task = Task(n_ops=args.ops)
@@ -228,10 +237,10 @@ def main() -> None:
     base_acc, base_nfe = rows[0][1], rows[0][2]
     print(f"\n{n_eval} held-out problems, gen_length={task.gen_length}; train {t_train:.0f}s, "
           f"decode {time.time() - t0 - t_train:.0f}s\n")
-    print(f"| {'method':50s} | accuracy % | mean NFE | NFE vs 1/step |")
-    print(f"|{'-' * 52}|-----------:|---------:|--------------:|")
-    for name, acc, nfe in rows:
-        print(f"| {name:50s} | {acc:10.1f} | {nfe:8.1f} | {base_nfe / nfe:12.2f}x |")
+    print(f"| {'method':50s} | accuracy % | mean NFE | NFE vs 1/step | decode s |")
+    print(f"|{'-' * 52}|-----------:|---------:|--------------:|---------:|")
+    for name, acc, nfe, seconds in rows:
+        print(f"| {name:50s} | {acc:10.1f} | {nfe:8.1f} | {base_nfe / nfe:12.2f}x | {seconds:8.1f} |")
     print(f"\n(reference: one token per step, {base_acc:.1f}% at {base_nfe:.0f} NFE)")
 
 

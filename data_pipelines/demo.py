@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines import demo_corpus, sft_records
-from data_pipelines.shards import write_json_atomic
 from data_pipelines.sources import SourceSpec
 from data_pipelines.tokenize import tokenize_to_shards
 from data_pipelines.train_tokenizer import save_tokenizer, train_bpe
+from llada_train.atomic import write_json_atomic
 from llada_train.errors import exit_on_error
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.shards import remove_temp_files, write_array_atomic, write_json_atomic
+from data_pipelines.shards import remove_temp_files, write_array_atomic
 from data_pipelines.sources import SourceSpec, describe_sources, iter_rows
+from llada_train.atomic import write_json_atomic
 from llada_train.data.chat import ChatEncoder, ChatTemplate, split_turns, validate_messages
 from llada_train.data.tokenizer import (
     load_tokenizer,

@@ -10,12 +10,12 @@ byte-identical to an uninterrupted run's.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llada_train.atomic import write_bytes_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -27,25 +27,9 @@ def shard_name(k: int) -> str:
     return f"shard_{k:05d}.bin"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so readers only ever see the old or the complete new file."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_array_atomic(path: Path, arr: np.ndarray) -> None:
     """Write a flat array's bytes under a temp name, then rename: a shard only appears complete."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(np.ascontiguousarray(arr).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, np.ascontiguousarray(arr).tobytes())
 
 
 def remove_temp_files(out: Path) -> None:

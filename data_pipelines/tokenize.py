@@ -28,9 +28,9 @@ from data_pipelines.shards import (
     PROGRESS,
     ShardPacker,
     remove_temp_files,
-    write_json_atomic,
 )
 from data_pipelines.sources import SourceSpec, default_workers, describe_sources, iter_documents
+from llada_train.atomic import write_json_atomic
 from llada_train.data.manifest import read_json
 from llada_train.data.tokenizer import (
     load_tokenizer,

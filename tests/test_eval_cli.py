@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llada_train.errors import LladaError
 from llada_train.eval import (
     DecodeConfig,
     TextCodec,
@@ -133,3 +134,21 @@ def test_every_method_decodes(model_dir, method):
         assert res.row_nfe == [6, 6]
     if method == "infill":
         assert all("####" in t for t in res.texts)
+
+
+def test_llada_chat_template(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    words = specials + ["user", "assistant", "what", "is", "3"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    codec = TextCodec(tmp_path, bos_token_id=0, stop_ids=[1, 4], chat_template="llada")
+    ids = codec.encode_prompt("what is 3")
+    # BOS once, user header, text, EoT, assistant header (SPEC §1)
+    assert ids == [0, 2, 5, 3, 7, 8, 9, 4, 2, 6, 3]
+    assert codec.decode([7, 8, 4, 9]) == "what is"  # cut at EoT
+    with pytest.raises(LladaError):
+        TextCodec(tmp_path, chat_template="no placeholder")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from llada_train.atomic import write_text_atomic
 from llada_train.config import to_container
 from llada_train.diffusion import build_objective
 from llada_train.errors import LladaError
@@ -45,9 +45,7 @@ def code_version() -> dict[str, Any]:
 def write_run_info(run_dir: Path, cfg: DictConfig, world_size: int) -> None:
     """Resolved config and code version, so a run can be read without wandb."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     info = {**code_version(), "world_size": world_size, "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with (run_dir / "run_info.jsonl").open("a") as f:  # one line per (re)start of the job
         f.write(json.dumps(info) + "\n")

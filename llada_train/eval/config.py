@@ -21,7 +21,7 @@ class ModelSourceConfig:
     tokenizer: str | None = None  # tokenizer.json or its folder; default: model_path
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    chat_template: str | None = None  # format string with {prompt}; null = raw prompt
+    chat_template: str | None = None  # "llada", a format string with {prompt}, or null (raw prompt)
     add_bos: bool = True  # prepend the model's bos_token_id when the prompt lacks it
     eot_token: str | None = None  # end-of-turn token string of chat models, e.g. <|eot_id|>
     batch_size: int = 8

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from llada_train.errors import LladaError
-from llada_train.eval.text import TextCodec
+from llada_train.eval.text import CHAT_EOT, TextCodec
 from llada_train.model import LLaDAModel, load_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +39,7 @@ def load_for_inference(cfg) -> InferenceBundle:
         chat_template=cfg.chat_template,
         add_bos=cfg.add_bos,
     )
-    eot = codec.token_id(cfg.eot_token) if cfg.eot_token else None
+    eot_token = cfg.eot_token or CHAT_EOT.get(cfg.chat_template or "")
+    eot = codec.token_id(eot_token) if eot_token else None
     codec.stop_ids = {mcfg.eos_token_id} | ({eot} if eot is not None else set())
     return InferenceBundle(model, codec, mcfg.mask_token_id, mcfg.eos_token_id, eot, mcfg.pad_token_id)

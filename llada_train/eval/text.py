@@ -7,12 +7,24 @@ from pathlib import Path
 
 from llada_train.errors import LladaError
 
+# Named chat templates (format strings with {prompt}); SPEC §1 gives LLaDA-Instruct's format.
+# Special tokens are written as text: the tokenizer maps them to its own ids.
+CHAT_TEMPLATES = {
+    "llada": (
+        "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+}
+# the end-of-turn token a named template implies, used when eot_token is not set
+CHAT_EOT = {"llada": "<|eot_id|>"}
+
 
 class TextCodec:
     """Encodes prompts (optional chat template and BOS) and decodes completions up to a stop token.
 
-    ``chat_template`` is a format string with ``{prompt}``; special tokens written in it
-    (e.g. ``<|start_header_id|>``) are recognised by the tokenizer, so no id is hard-coded.
+    ``chat_template`` is a format string with ``{prompt}`` or a name in ``CHAT_TEMPLATES``
+    (``llada``); special tokens written in it (e.g. ``<|start_header_id|>``) are recognised by
+    the tokenizer, so no id is hard-coded.
     """
 
     def __init__(
@@ -33,10 +45,12 @@ class TextCodec:
         self.tokenizer = Tokenizer.from_file(str(path))
         self.bos_token_id = bos_token_id
         self.stop_ids = set(stop_ids)
-        self.chat_template = chat_template
+        self.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template) if chat_template else None
         self.add_bos = add_bos
-        if chat_template is not None and "{prompt}" not in chat_template:
-            raise LladaError("chat_template must contain '{prompt}' where the user text goes")
+        if self.chat_template is not None and "{prompt}" not in self.chat_template:
+            raise LladaError(
+                f"chat_template must be one of {sorted(CHAT_TEMPLATES)} or contain '{{prompt}}' where the user text goes"
+            )
 
     def token_id(self, token: str) -> int:
         """The id of a (special) token string; a clear error when the tokenizer lacks it."""

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llada_train.atomic import write_json_atomic
 from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
 from llada_train.model.transformer import LLaDAModel
@@ -26,16 +27,6 @@ from llada_train.model.transformer import LLaDAModel
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temp name in the same folder, then rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def save_pretrained(

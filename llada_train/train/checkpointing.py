@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,8 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llada_train.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from llada_train.errors import LladaError
-from llada_train.model.checkpoint import save_pretrained, write_json_atomic
+from llada_train.model.checkpoint import save_pretrained
 from llada_train.model.config import ModelConfig
 
 LATEST = "latest"
@@ -30,12 +31,6 @@ def step_tag(step: int) -> str:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def latest_tag(run_dir: str | Path) -> str | None:
@@ -69,10 +64,9 @@ def save_checkpoint(
     tag = step_tag(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rank_file = root / tag / f"rank_state_{rank:05d}.pt"
-    tmp = rank_file.with_name(f".{rank_file.name}.tmp")
-    torch.save(rank_state, tmp)
-    os.replace(tmp, rank_file)
+    buffer = io.BytesIO()
+    torch.save(rank_state, buffer)
+    write_bytes_atomic(root / tag / f"rank_state_{rank:05d}.pt", buffer.getvalue())
     _barrier()
     if rank == 0:
         write_json_atomic(root / tag / TRAINER_STATE, trainer_state)
