@@ -117,10 +117,36 @@ def bench_memory(world: int = 2) -> dict[int, dict[str, float]]:
     return out
 
 
+def _gpu_tokens_per_s(cfg: ModelConfig, batch: int = 2, seq_len: int = 4096, iters: int = 10) -> float:
+    """bf16 autocast training tokens/s of one model on the current GPU."""
+    model = make_model(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    objective = PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    data = {"input_ids": torch.randint(3, cfg.vocab_size, (batch, seq_len), device="cuda")}
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = objective(model, data, gen).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return iters * batch * seq_len / (time.perf_counter() - t0)
+
+
 def bench_gpu_mfu() -> list[tuple[str, float]]:
     """MFU of llada_1b, seq 4096, bf16, one GPU: (backend, mfu) rows."""
     from omegaconf import OmegaConf
 
+    from llada_train.model import count_parameters
     from llada_train.train.metrics import flops_per_token
 
     raw = OmegaConf.load(REPO / "conf" / "model" / "llada_1b.yaml")
@@ -134,30 +160,8 @@ def bench_gpu_mfu() -> list[tuple[str, float]]:
             except ImportError:
                 rows.append((backend, float("nan")))
                 continue
-        model = make_model(cfg).cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        objective = PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        batch = {"input_ids": torch.randint(3, cfg.vocab_size, (2, 4096), device="cuda")}
-        n = sum(p.numel() for p in model.parameters())
-
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = objective(model, batch, gen).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        t0, iters = time.perf_counter(), 10
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-        tok_s = iters * 2 * 4096 / (time.perf_counter() - t0)
-        rows.append((backend, tok_s * flops_per_token(cfg, 4096, n) / 989e12))
-        del model, opt
+        tok_s = _gpu_tokens_per_s(cfg)
+        rows.append((backend, tok_s * flops_per_token(cfg, 4096, count_parameters(cfg)) / 989e12))
         torch.cuda.empty_cache()
     return rows
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.shards import remove_temp_files, write_array_atomic
-from data_pipelines.sources import SourceSpec, describe_sources, iter_rows
+from data_pipelines.sources import SourceSpec, add_input_arguments, describe_sources, iter_rows
 from llada_train.atomic import write_json_atomic
 from llada_train.data.chat import ChatEncoder, ChatTemplate, split_turns, validate_messages
 from llada_train.data.tokenizer import (
@@ -171,15 +171,7 @@ def build_records(a: argparse.Namespace) -> dict[str, Any]:
 def build_arg_parser() -> argparse.ArgumentParser:
     """Arguments of ``llada-sft-data``."""
     ap = argparse.ArgumentParser(prog="llada-sft-data", description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--input",
-        nargs="*",
-        default=[],
-        help=".jsonl/.parquet files, folders or save_to_disk folders",
-    )
-    ap.add_argument("--dataset", help="HF datasets name (or a save_to_disk folder)")
-    ap.add_argument("--dataset-config")
-    ap.add_argument("--split", default="train")
+    add_input_arguments(ap, ".jsonl/.parquet files, folders or save_to_disk folders")
     ap.add_argument("--tokenizer", required=True, help="tokenizer.json or a HF tokenizer folder")
     ap.add_argument("--out", required=True, help="output folder for the records")
     ap.add_argument(

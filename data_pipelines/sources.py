@@ -6,6 +6,7 @@ documents an earlier run already consumed.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -256,3 +257,11 @@ def iter_rows(spec: SourceSpec) -> Iterator[tuple[str, dict[str, Any]]]:
         ds = _load_saved(p, spec.split) if is_saved_dataset(p) else _load_hub(spec)
         for i, row in enumerate(ds):
             yield f"dataset {spec.dataset} row {i}", row
+
+
+def add_input_arguments(ap: argparse.ArgumentParser, input_help: str) -> None:
+    """The input options the data CLIs share: local files or a ``datasets`` dataset."""
+    ap.add_argument("--input", nargs="*", default=[], help=input_help)
+    ap.add_argument("--dataset", help="HF datasets name (or a save_to_disk folder)")
+    ap.add_argument("--dataset-config", help="datasets config name")
+    ap.add_argument("--split", default="train")

@@ -29,7 +29,13 @@ from data_pipelines.shards import (
     ShardPacker,
     remove_temp_files,
 )
-from data_pipelines.sources import SourceSpec, default_workers, describe_sources, iter_documents
+from data_pipelines.sources import (
+    SourceSpec,
+    add_input_arguments,
+    default_workers,
+    describe_sources,
+    iter_documents,
+)
 from llada_train.atomic import write_json_atomic
 from llada_train.data.manifest import read_json
 from llada_train.data.tokenizer import (
@@ -239,15 +245,7 @@ def _progress_bar(enabled: bool, initial: int):
 def build_arg_parser() -> argparse.ArgumentParser:
     """Arguments of ``llada-tokenize``."""
     ap = argparse.ArgumentParser(prog="llada-tokenize", description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--input",
-        nargs="*",
-        default=[],
-        help=".txt/.jsonl/.parquet files, folders, globs, or save_to_disk folders",
-    )
-    ap.add_argument("--dataset", help="HF datasets name (or a save_to_disk folder)")
-    ap.add_argument("--dataset-config", help="datasets config name")
-    ap.add_argument("--split", default="train")
+    add_input_arguments(ap, ".txt/.jsonl/.parquet files, folders, globs, or save_to_disk folders")
     ap.add_argument(
         "--streaming", action="store_true", help="stream the HF dataset instead of downloading it"
     )

@@ -1,6 +1,7 @@
 """Masked diffusion: forward process, training objectives, Monte Carlo likelihood."""
 
 from llada_train.diffusion.forward import mask_tokens, maybe_cut_length, sample_mask_prob
+from llada_train.diffusion.likelihood import conditional_log_likelihood
 from llada_train.diffusion.losses import (
     LossOutput,
     ObjectiveConfig,
@@ -15,6 +16,7 @@ __all__ = [
     "PretrainObjective",
     "SFTObjective",
     "build_objective",
+    "conditional_log_likelihood",
     "mask_tokens",
     "maybe_cut_length",
     "sample_mask_prob",
