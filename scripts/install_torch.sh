@@ -28,9 +28,10 @@ case "$build" in
     fi
     ;;
   cpu)
-    # A local CPU wheel (pip find-links) is taken first; else PyTorch's CPU-only index.
+    # A CPU wheel pip already knows of (find-links, a mirror) first; else PyTorch's CPU index.
     echo "installing torch==$version+cpu (no GPU)"
-    "$py" -m pip install "torch==$version+cpu" --extra-index-url "$cpu_index"
+    "$py" -m pip install "torch==$version+cpu" 2>/dev/null \
+      || "$py" -m pip install "torch==$version+cpu" --extra-index-url "$cpu_index"
     ;;
   *)
     echo "error: TORCH_BUILD=$build; use auto, cuda or cpu" >&2
