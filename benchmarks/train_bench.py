@@ -101,12 +101,13 @@ def bench_speed(steps: int, blocks: int, batch: int, seq_len: int) -> tuple[floa
     return tokens / t_ours, tokens / t_bare
 
 
-def bench_memory(world: int = 2) -> dict[int, dict[str, float]]:
+def bench_memory(precision: str, world: int = 2) -> dict[int, dict[str, float]]:
     """Launch the memory worker under torchrun for ZeRO-0 and ZeRO-3; max over ranks."""
     out: dict[int, dict[str, float]] = {}
     for stage in (0, 3):
         with tempfile.TemporaryDirectory() as tmp:
-            env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MEM_OUT=tmp, ZERO_STAGE=str(stage))
+            env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MEM_OUT=tmp, ZERO_STAGE=str(stage),
+                       PRECISION=precision)
             subprocess.run(
                 [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={world}",
                  str(Path(__file__).with_name("zero_memory_worker.py"))],
@@ -181,11 +182,13 @@ def main() -> None:
     print(f"| trainer tokens/s vs bare PyTorch loop (tiny, {args.batch}x{args.seq_len}, 1 process) "
           f"| {ours:,.0f} | {bare:,.0f} | {ours / bare:.3f}x | >= 0.95x |")
     if not args.skip_memory:
-        mem = bench_memory()
-        for key, label in (("rss_growth_mib", "resident memory growth per rank"),
-                           ("model_state_mib", "model states per rank (params+grads+Adam)")):
-            z0, z3 = mem[0][key], mem[3][key]
-            print(f"| ZeRO-3 vs ZeRO-0 {label}, 2 ranks (MiB) | {z3:,.0f} | {z0:,.0f} | {z3 / z0:.3f}x | <= 0.6x |")
+        for precision in ("fp32", "bf16"):
+            mem = bench_memory(precision)
+            for key, label in (("rss_growth_mib", "resident memory growth"),
+                               ("model_state_mib", "model states (params+grads+Adam)")):
+                z0, z3 = mem[0][key], mem[3][key]
+                print(f"| ZeRO-3 vs ZeRO-0 {label} per rank, 2 ranks, {precision}, 57M params (MiB) "
+                      f"| {z3:,.0f} | {z0:,.0f} | {z3 / z0:.3f}x | <= 0.6x |")
     if torch.cuda.is_available():
         for backend, mfu in bench_gpu_mfu():
             print(f"| MFU llada_1b seq 4096 bf16, 1 GPU, {backend} | {mfu:.1%} | | | >= 45% |")

@@ -63,14 +63,16 @@ def model_state_bytes(trainer: Trainer) -> int:
 
 def main() -> None:
     stage = int(os.environ["ZERO_STAGE"])
+    bf16 = os.environ.get("PRECISION", "fp32") == "bf16"
     info = init_distributed()
     proc = psutil.Process()
     rss0 = trimmed_rss(proc)
     cfg = ModelConfig(d_model=768, n_layers=8, n_heads=12, n_kv_heads=12, mlp_hidden_size=2048, vocab_size=512)
     # buckets sized for a ~60M model: the 50M-element defaults would dominate its memory
     ds = DeepSpeedConfig(zero_stage=stage, reduce_bucket_size=2_000_000, stage3_prefetch_bucket_size=2_000_000)
-    tcfg = TrainerConfig(max_steps=10**9, global_batch_size=2, micro_batch_size=1, seq_len=32)
-    ds_json = render_deepspeed_config(ds, 2, 1, info.world_size, 1.0, False)
+    tcfg = TrainerConfig(max_steps=10**9, global_batch_size=2, micro_batch_size=1, seq_len=32,
+                         precision="bf16" if bf16 else "fp32")
+    ds_json = render_deepspeed_config(ds, 2, 1, info.world_size, 1.0, bf16)
     model = build_model(cfg, stage, ds_json, seed=0, init_from=None)
     trainer = Trainer(
         model=model, model_cfg=cfg,
