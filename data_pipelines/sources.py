@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llada_train.data.jsonl import iter_jsonl_rows
 from llada_train.errors import LladaError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -110,25 +110,6 @@ def _iter_txt(path: Path, mode: str) -> Iterator[str]:
                 para = []
         if para:
             yield "".join(para).rstrip("\n")
-
-
-def iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; malformed lines name the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LladaError(
-                    f"malformed JSON in {path} line {lineno}: {exc.msg}; fix or remove that line"
-                ) from exc
-            if not isinstance(row, dict):
-                raise LladaError(
-                    f"{path} line {lineno} is not a JSON object: each line must be {{...}}"
-                )
-            yield lineno, row
 
 
 def _text_of(row: dict[str, Any], text_field: str, where: str) -> str:

@@ -55,6 +55,13 @@ def test_run_dir_holds_config_metrics_checkpoint_and_export(trained):
         assert model(torch.tensor([[3, 4, 5]])).shape == (1, 3, 512)
 
 
+def test_plot_draws_the_run_curves(trained):
+    run_dir, _ = trained
+    cli("llada-plot", [str(run_dir)])
+    png = run_dir / "plots" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
 def test_rerun_of_a_finished_run_resumes_instead_of_restarting(trained, demo_data):
     run_dir, _ = trained
     proc = cli(

@@ -8,13 +8,13 @@ With ``--sft-dir`` it also prints chat completions of the SFT model next to the 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from llada_train.cli.plot import read_metrics
 from llada_train.data.chat import ChatEncoder
-from llada_train.errors import LladaError, exit_on_error
+from llada_train.errors import exit_on_error
 from llada_train.model import load_pretrained
 from llada_train.sample import generate
 from llada_train.tokenizer import load_tokenizer
@@ -41,11 +41,7 @@ PROMPTS = [
 
 def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) pairs from ``metrics.jsonl``."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise LladaError(f"{path} not found: is {run_dir} a training run directory?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir)]
 
 
 def complete(export_dir: Path, prompts: list[list[int]], gen_length: int) -> list[str]:

@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from llada_train.data.jsonl import iter_jsonl_rows
 from llada_train.errors import LladaError, exit_on_error
 
 
@@ -17,15 +17,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise LladaError(f"{path} not found: is {run_dir} a llada-train run directory?")
-    by_step: dict[int, dict] = {}
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LladaError(f"{path}:{i}: not JSON ({exc.msg})") from exc
-        by_step[row["step"]] = row
+    by_step = {row["step"]: row for _, row in iter_jsonl_rows(path)}
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from llada_train.data.jsonl import iter_jsonl_rows
 from llada_train.errors import LladaError
 from llada_train.eval.methods import DecodeConfig, decode_batch
 from llada_train.eval.text import TextCodec
@@ -17,24 +17,14 @@ from llada_train.sample import left_pad
 
 def load_jsonl(path: str | Path, limit: int | None = None, fields: tuple[str, ...] = ()) -> list[dict]:
     """Records of a jsonl file (first ``limit``), checking that each has ``fields``."""
-    path = Path(path)
-    if not path.exists():
-        raise LladaError(f"data file {path} not found")
     records = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LladaError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            missing = [k for k in fields if k not in rec]
-            if missing:
-                raise LladaError(f"{path}:{n}: missing field(s) {missing}")
-            records.append(rec)
-            if limit is not None and len(records) >= limit:
-                break
+    for n, rec in iter_jsonl_rows(path):
+        missing = [k for k in fields if k not in rec]
+        if missing:
+            raise LladaError(f"{path} line {n}: missing field(s) {missing}")
+        records.append(rec)
+        if limit is not None and len(records) >= limit:
+            break
     return records
 
 
