@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from llada_train.data.config import PretrainDataConfig, SFTDataConfig
 from llada_train.diffusion.losses import ObjectiveConfig
@@ -105,6 +105,4 @@ def register_configs() -> None:
 
 def to_container(cfg: Any) -> dict:
     """A resolved plain-dict copy of an OmegaConf config (for saving and wandb)."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -39,11 +39,8 @@ def _clean_deepspeed_shm():
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """The built-in demo corpus, tokenizer, shards and SFT records (made once per session)."""
-    import subprocess
+    from data_pipelines.demo import prepare_demo
 
     out = tmp_path_factory.mktemp("demo") / "data"
-    subprocess.run(
-        [sys.executable, "-m", "data_pipelines.demo", "--out", str(out)],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    )
+    prepare_demo(out)
     return out

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from tests.conftest import REPO, SHARED_DATA
 
 
 def shared_file(rel: str) -> Path:
@@ -82,16 +81,5 @@ def counting_shards(folder: Path, sizes: list[int], offset: int = 0) -> Path:
     return write_shard_set(folder, np.split(stream, cuts), vocab_size=int(offset + sum(sizes)))
 
 
-_BUILT: dict[str, Path] = {}  # test modules import the fixture separately: build only once
 
 
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory) -> Path:
-    """The demo data folder (corpus, tokenizer, shards, chat, sft), built once per session."""
-    from data_pipelines.demo import prepare_demo
-
-    if "demo" not in _BUILT:
-        out = tmp_path_factory.mktemp("demo") / "data"
-        prepare_demo(out)
-        _BUILT["demo"] = out
-    return _BUILT["demo"]

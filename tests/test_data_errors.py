@@ -9,7 +9,7 @@ import pytest
 
 from llada_train.data import PretrainDataConfig, build_pretrain_reader, check_vocab
 from llada_train.errors import LladaError
-from tests.conftest_data import counting_shards, demo_dir, run_py  # noqa: F401
+from tests.conftest_data import counting_shards, run_py
 
 
 def build(path, **kw):
@@ -69,13 +69,13 @@ def test_vocab_mismatch_with_model():
         check_vocab(126349, 512, "in data runs/x")
 
 
-def test_tokenizer_mismatch(demo_dir, tmp_path):  # noqa: F811
-    shards = demo_dir / "shards"
-    r = build(shards, tokenizer=str(demo_dir / "tokenizer.json"))
+def test_tokenizer_mismatch(demo_data, tmp_path):
+    shards = demo_data / "shards"
+    r = build(shards, tokenizer=str(demo_data / "tokenizer.json"))
     assert r.vocab_size == 512
     other = tmp_path / "tokenizer.json"
     other.write_text(
-        (demo_dir / "tokenizer.json").read_text().replace('"<|mdm_mask|>"', '"<|mask|>"')
+        (demo_data / "tokenizer.json").read_text().replace('"<|mdm_mask|>"', '"<|mask|>"')
     )
     with pytest.raises(
         LladaError,
@@ -100,7 +100,7 @@ def test_state_from_other_data_is_refused(tmp_path):
         build(tmp_path / "b").load_state_dict(state)
 
 
-def test_cli_error_is_one_line(demo_dir, tmp_path):  # noqa: F811
+def test_cli_error_is_one_line(demo_data, tmp_path):
     res = run_py(
         [
             "-m",
@@ -108,7 +108,7 @@ def test_cli_error_is_one_line(demo_dir, tmp_path):  # noqa: F811
             "--input",
             str(tmp_path / "none.txt"),
             "--tokenizer",
-            str(demo_dir),
+            str(demo_data),
             "--out",
             str(tmp_path / "o"),
         ],

@@ -10,7 +10,6 @@ from tokenizers import Tokenizer
 
 from data_pipelines.demo_corpus import generate_dialogues, generate_documents
 from data_pipelines.train_tokenizer import SPECIAL_TOKENS, save_tokenizer, train_bpe
-from tests.conftest_data import demo_dir  # noqa: F401  (fixture)
 
 
 def test_corpus_is_deterministic_by_seed():
@@ -62,26 +61,26 @@ def test_tokenizer_special_ids_and_round_trip(tmp_path):
     assert cfg["eos_token"] == "<|endoftext|>" and cfg["bos_token"] == "<|startoftext|>"
 
 
-def test_demo_folder_shards_decode_to_the_corpus(demo_dir):  # noqa: F811
-    tok = Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
+def test_demo_folder_shards_decode_to_the_corpus(demo_data):
+    tok = Tokenizer.from_file(str(demo_data / "tokenizer.json"))
     assert tok.get_vocab_size() == 512
     docs = [
         line
-        for p in sorted((demo_dir / "corpus").glob("*.txt"))
+        for p in sorted((demo_data / "corpus").glob("*.txt"))
         for line in p.read_text().splitlines()
     ]
     assert len(docs) == 6000
-    m = json.loads((demo_dir / "shards" / "manifest.json").read_text())
+    m = json.loads((demo_data / "shards" / "manifest.json").read_text())
     stream = np.concatenate(
-        [np.fromfile(demo_dir / "shards" / s["file"], dtype=np.uint16) for s in m["shards"]]
+        [np.fromfile(demo_data / "shards" / s["file"], dtype=np.uint16) for s in m["shards"]]
     )
     # independent reference: each document encoded alone, followed by EOS (id 1)
     ref = np.concatenate([np.asarray(tok.encode(d).ids + [1]) for d in docs])
     assert m["num_documents"] == 6000 and m["num_tokens"] == len(ref) == len(stream)
     assert np.array_equal(stream, ref)
     assert m["dtype"] == "uint16" and m["eos_id"] == 1 and m["vocab_size"] == 512
-    sft = json.loads((demo_dir / "sft" / "manifest.json").read_text())
-    chat = [json.loads(x) for x in (demo_dir / "chat.jsonl").read_text().splitlines()]
+    sft = json.loads((demo_data / "sft" / "manifest.json").read_text())
+    chat = [json.loads(x) for x in (demo_data / "chat.jsonl").read_text().splitlines()]
     assert sft["num_records"] == sum(
         len(c["messages"]) // 2 for c in chat
     )  # one record per assistant turn

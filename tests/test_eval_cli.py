@@ -79,7 +79,7 @@ def test_cli_config_errors(capsys):
             compose(config_name="generate", overrides=["decode.gen_lenght=8"])  # strict schema
         cfg = compose(config_name="generate", overrides=["prompts=[what]"])
     with pytest.raises(SystemExit) as exc:
-        generate_cli._run_checked(cfg)  # model_path left at ???
+        generate_cli.run_config(cfg)  # model_path left at ???
     assert exc.value.code == 2
     assert "model_path is required" in capsys.readouterr().err
 

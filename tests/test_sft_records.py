@@ -14,7 +14,7 @@ from data_pipelines.sft_records import build_arg_parser, build_records
 from data_pipelines.train_tokenizer import save_tokenizer, train_bpe
 from llada_train.data import SFTDataConfig, build_sft_reader, collate_sft
 from llada_train.errors import LladaError
-from tests.conftest_data import demo_dir, run_py, shared_file  # noqa: F401
+from tests.conftest_data import run_py, shared_file
 
 HDR = "<|start_header_id|>{}<|end_header_id|>\n\n"
 
@@ -47,8 +47,8 @@ DIALOGUE = [
 ]
 
 
-def test_three_turn_dialogue_gives_three_records_with_history(demo_dir, tmp_path):  # noqa: F811
-    tok_path = str(demo_dir / "tokenizer.json")
+def test_three_turn_dialogue_gives_three_records_with_history(demo_data, tmp_path):
+    tok_path = str(demo_data / "tokenizer.json")
     tok = Tokenizer.from_file(tok_path)
     (tmp_path / "c.jsonl").write_text(json.dumps({"messages": DIALOGUE}) + "\n")
     m = build(
@@ -68,7 +68,7 @@ def test_three_turn_dialogue_gives_three_records_with_history(demo_dir, tmp_path
     assert recs[0][0] == 0 and (recs[2] == 0).sum() == 1  # BOS once
 
 
-def test_random_turn_mode_is_seeded_per_dialogue(demo_dir, tmp_path):  # noqa: F811
+def test_random_turn_mode_is_seeded_per_dialogue(demo_data, tmp_path):
     with open(tmp_path / "c.jsonl", "w") as f:
         for _ in range(40):
             f.write(json.dumps({"messages": DIALOGUE}) + "\n")
@@ -76,7 +76,7 @@ def test_random_turn_mode_is_seeded_per_dialogue(demo_dir, tmp_path):  # noqa: F
         "--input",
         str(tmp_path / "c.jsonl"),
         "--tokenizer",
-        str(demo_dir / "tokenizer.json"),
+        str(demo_data / "tokenizer.json"),
         "--turns",
         "random",
     ]
@@ -89,8 +89,8 @@ def test_random_turn_mode_is_seeded_per_dialogue(demo_dir, tmp_path):  # noqa: F
     assert len(set(picks["a"])) == 3  # all three turns get picked somewhere
 
 
-def test_pair_fields_and_length_policy(demo_dir, tmp_path):  # noqa: F811
-    tok_path = str(demo_dir / "tokenizer.json")
+def test_pair_fields_and_length_policy(demo_data, tmp_path):
+    tok_path = str(demo_data / "tokenizer.json")
     tok = Tokenizer.from_file(tok_path)
     rows = [{"question": "q " * n, "answer": "a " * (2 * n)} for n in range(1, 30)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -125,7 +125,7 @@ def test_pair_fields_and_length_policy(demo_dir, tmp_path):  # noqa: F811
     )
 
 
-def test_malformed_and_wrong_rows_name_file_and_line(demo_dir, tmp_path):  # noqa: F811
+def test_malformed_and_wrong_rows_name_file_and_line(demo_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": DIALOGUE}) + "\n\n" + '{"messages": [}\n')
     res = run_py(
@@ -135,7 +135,7 @@ def test_malformed_and_wrong_rows_name_file_and_line(demo_dir, tmp_path):  # noq
             "--input",
             str(bad),
             "--tokenizer",
-            str(demo_dir),
+            str(demo_data),
             "--out",
             str(tmp_path / "o"),
         ],
@@ -144,12 +144,12 @@ def test_malformed_and_wrong_rows_name_file_and_line(demo_dir, tmp_path):  # noq
     assert res.returncode == 2 and f"error: malformed JSON in {bad} line 3" in res.stderr
     bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     with pytest.raises(LladaError, match=rf"message 0 in {bad} line 1 has role 'robot'"):
-        build("--input", str(bad), "--tokenizer", str(demo_dir), "--out", str(tmp_path / "o"))
+        build("--input", str(bad), "--tokenizer", str(demo_data), "--out", str(tmp_path / "o"))
     bad.write_text(json.dumps({"q": "x"}) + "\n")
     with pytest.raises(
         LladaError, match=rf"{bad} line 1 has neither 'messages' nor 'prompt'\+'response'"
     ):
-        build("--input", str(bad), "--tokenizer", str(demo_dir), "--out", str(tmp_path / "o"))
+        build("--input", str(bad), "--tokenizer", str(demo_data), "--out", str(tmp_path / "o"))
 
 
 def test_collator_pads_with_eos():
@@ -170,9 +170,9 @@ def test_collator_pads_with_eos():
         collate_sft(seqs, [2, 1, 3], eos_id=1, length=4)
 
 
-def test_sft_reader_epoch_ranks_and_resume(demo_dir):  # noqa: F811
-    cfg = SFTDataConfig(path=str(demo_dir / "sft"), tokenizer=str(demo_dir / "tokenizer.json"))
-    _, recs, plen = records(demo_dir / "sft")
+def test_sft_reader_epoch_ranks_and_resume(demo_data):
+    cfg = SFTDataConfig(path=str(demo_data / "sft"), tokenizer=str(demo_data / "tokenizer.json"))
+    _, recs, plen = records(demo_data / "sft")
     n = len(recs)
     everything = Counter((tuple(r.tolist()), int(p)) for r, p in zip(recs, plen, strict=True))
     readers = [

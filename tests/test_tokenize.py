@@ -13,7 +13,7 @@ from data_pipelines.sources import SourceSpec
 from data_pipelines.tokenize import tokenize_to_shards
 from data_pipelines.train_tokenizer import save_tokenizer, train_bpe
 from llada_train.errors import LladaError
-from tests.conftest_data import demo_dir, run_py, shared_file  # noqa: F401
+from tests.conftest_data import run_py, shared_file
 
 
 def read_stream(folder) -> tuple[dict, np.ndarray]:
@@ -26,10 +26,10 @@ def shard_bytes(folder) -> list[bytes]:
     return [p.read_bytes() for p in sorted(folder.glob("shard_*.bin"))]
 
 
-def test_shards_equal_reference_stream_and_parallel_equals_serial(demo_dir, tmp_path):  # noqa: F811
-    tok_path = str(demo_dir / "tokenizer.json")
+def test_shards_equal_reference_stream_and_parallel_equals_serial(demo_data, tmp_path):
+    tok_path = str(demo_data / "tokenizer.json")
     tok = Tokenizer.from_file(tok_path)
-    spec = SourceSpec(inputs=[str(demo_dir / "corpus")], txt_doc="line")
+    spec = SourceSpec(inputs=[str(demo_data / "corpus")], txt_doc="line")
     m1 = tokenize_to_shards(
         spec,
         tok_path,
@@ -52,7 +52,7 @@ def test_shards_equal_reference_stream_and_parallel_equals_serial(demo_dir, tmp_
     )
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
     docs = [
-        x for p in sorted((demo_dir / "corpus").glob("*.txt")) for x in p.read_text().splitlines()
+        x for p in sorted((demo_data / "corpus").glob("*.txt")) for x in p.read_text().splitlines()
     ]
     ref = np.concatenate([np.asarray([0] + tok.encode(d).ids + [1]) for d in docs])  # BOS doc EOS
     m, stream = read_stream(tmp_path / "a")
@@ -67,16 +67,16 @@ def test_shards_equal_reference_stream_and_parallel_equals_serial(demo_dir, tmp_
     assert m2["shards"] == m1["shards"]  # same sha256 per shard
 
 
-def test_exit_mid_run_resumes_byte_identical(demo_dir, tmp_path):  # noqa: F811
+def test_exit_mid_run_resumes_byte_identical(demo_data, tmp_path):
     args = [
         "-m",
         "data_pipelines.tokenize",
         "--input",
-        str(demo_dir / "corpus"),
+        str(demo_data / "corpus"),
         "--txt-doc",
         "line",
         "--tokenizer",
-        str(demo_dir / "tokenizer.json"),
+        str(demo_data / "tokenizer.json"),
         "--shard-tokens",
         "20000",
         "--no-progress",
@@ -158,7 +158,7 @@ def test_sigkill_mid_run_resumes_byte_identical(tmp_path):
     assert not list((tmp_path / "cut").glob("*.tmp-*"))
 
 
-def test_jsonl_parquet_and_saved_dataset_give_the_same_shards(demo_dir, tmp_path):  # noqa: F811
+def test_jsonl_parquet_and_saved_dataset_give_the_same_shards(demo_data, tmp_path):
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -169,7 +169,7 @@ def test_jsonl_parquet_and_saved_dataset_give_the_same_shards(demo_dir, tmp_path
             f.write(json.dumps({"body": t, "id": 1}) + "\n")
     pq.write_table(pa.table({"body": texts}), tmp_path / "d.parquet")
     datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "saved"))
-    tok = str(demo_dir / "tokenizer.json")
+    tok = str(demo_data / "tokenizer.json")
     outs = []
     for name, spec in [
         ("j", SourceSpec(inputs=[str(tmp_path / "d.jsonl")], text_field="body")),
@@ -222,7 +222,7 @@ def test_hf_folder_layout_with_large_vocab_uses_uint32(tmp_path):
     assert [s["num_tokens"] for s in m["shards"]] == [4, 4]
 
 
-def test_malformed_jsonl_line_names_file_and_line(demo_dir, tmp_path):  # noqa: F811
+def test_malformed_jsonl_line_names_file_and_line(demo_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
     res = run_py(
@@ -232,7 +232,7 @@ def test_malformed_jsonl_line_names_file_and_line(demo_dir, tmp_path):  # noqa: 
             "--input",
             str(bad),
             "--tokenizer",
-            str(demo_dir / "tokenizer.json"),
+            str(demo_data / "tokenizer.json"),
             "--out",
             str(tmp_path / "o"),
             "--no-progress",
@@ -250,16 +250,16 @@ def test_malformed_jsonl_line_names_file_and_line(demo_dir, tmp_path):  # noqa: 
     with pytest.raises(LladaError, match=r"nofield.jsonl line 1.*--text-field"):
         tokenize_to_shards(
             SourceSpec(inputs=[str(tmp_path / "nofield.jsonl")]),
-            str(demo_dir / "tokenizer.json"),
+            str(demo_data / "tokenizer.json"),
             tmp_path / "o2",
             num_workers=1,
             progress=False,
         )
 
 
-def test_resume_with_other_settings_is_refused(demo_dir, tmp_path):  # noqa: F811
-    spec = SourceSpec(inputs=[str(demo_dir / "corpus" / "part-00.txt")], txt_doc="line")
-    tok = str(demo_dir / "tokenizer.json")
+def test_resume_with_other_settings_is_refused(demo_data, tmp_path):
+    spec = SourceSpec(inputs=[str(demo_data / "corpus" / "part-00.txt")], txt_doc="line")
+    tok = str(demo_data / "tokenizer.json")
     tokenize_to_shards(spec, tok, tmp_path / "o", shard_tokens=5000, num_workers=1, progress=False)
     with pytest.raises(LladaError, match=r"differs in: shard_tokens"):
         tokenize_to_shards(

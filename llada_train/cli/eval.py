@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from llada_train.config import CONF_DIR
+from llada_train.cli.entry import hydra_entry
 from llada_train.errors import exit_on_error
 from llada_train.eval.answers import get_extractor
 from llada_train.eval.config import EvalConfig, register_eval_configs, to_schema
@@ -45,20 +44,13 @@ def run(cfg: EvalConfig) -> EvalReport:
     return report
 
 
-@hydra.main(config_path=CONF_DIR, config_name="eval", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    _run_checked(cfg)
-
-
 @exit_on_error
-def _run_checked(cfg: DictConfig) -> None:
-    # inside Hydra's task function, so a LladaError exits with one line (code 2), not a trace
+def run_config(cfg: DictConfig) -> None:
+    """Check the composed config against its schema (one-line errors, exit 2), then run."""
     run(to_schema(cfg))
 
 
-def main() -> None:
-    """Console entry point."""
-    _main()
+main = hydra_entry("eval", run_config)
 
 
 if __name__ == "__main__":

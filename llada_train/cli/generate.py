@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from llada_train.config import CONF_DIR
+from llada_train.cli.entry import hydra_entry
 from llada_train.errors import LladaError, exit_on_error
 from llada_train.eval.config import GenerateConfig, register_eval_configs, to_schema
 from llada_train.eval.loading import load_for_inference
@@ -59,20 +58,13 @@ def run(cfg: GenerateConfig) -> list[str]:
     return completions
 
 
-@hydra.main(config_path=CONF_DIR, config_name="generate", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    _run_checked(cfg)
-
-
 @exit_on_error
-def _run_checked(cfg: DictConfig) -> None:
-    # inside Hydra's task function, so a LladaError exits with one line (code 2), not a trace
+def run_config(cfg: DictConfig) -> None:
+    """Check the composed config against its schema (one-line errors, exit 2), then run."""
     run(to_schema(cfg))
 
 
-def main() -> None:
-    """Console entry point."""
-    _main()
+main = hydra_entry("generate", run_config)
 
 
 if __name__ == "__main__":

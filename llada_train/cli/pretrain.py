@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
 from llada_train.cli.common import run_training
-from llada_train.config import CONF_DIR, register_configs
+from llada_train.cli.entry import hydra_entry
+from llada_train.config import register_configs
 from llada_train.data import build_pretrain_reader, check_vocab
 from llada_train.model.config import ModelConfig
 
@@ -24,14 +22,7 @@ def pretrain_reader(
     return reader
 
 
-@hydra.main(config_path=CONF_DIR, config_name="pretrain", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    run_training(cfg, pretrain_reader)
-
-
-def main() -> None:
-    """Console entry point."""
-    _main()
+main = hydra_entry("pretrain", lambda cfg: run_training(cfg, pretrain_reader))
 
 
 if __name__ == "__main__":

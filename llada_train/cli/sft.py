@@ -6,11 +6,9 @@ objective differ. ``init_from`` names a released-layout folder (our export or LL
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
-
 from llada_train.cli.common import run_training
-from llada_train.config import CONF_DIR, register_configs
+from llada_train.cli.entry import hydra_entry
+from llada_train.config import register_configs
 from llada_train.data import build_sft_reader, check_vocab
 from llada_train.model.config import ModelConfig
 
@@ -29,14 +27,7 @@ def sft_reader(
     return reader
 
 
-@hydra.main(config_path=CONF_DIR, config_name="sft", version_base=None)
-def _main(cfg: DictConfig) -> None:
-    run_training(cfg, sft_reader)
-
-
-def main() -> None:
-    """Console entry point."""
-    _main()
+main = hydra_entry("sft", lambda cfg: run_training(cfg, sft_reader))
 
 
 if __name__ == "__main__":

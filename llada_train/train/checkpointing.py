@@ -15,6 +15,7 @@ from llada_train.atomic import write_bytes_atomic, write_json_atomic, write_text
 from llada_train.errors import LladaError
 from llada_train.model.checkpoint import save_pretrained
 from llada_train.model.config import ModelConfig
+from llada_train.train.distributed import all_ranks_any
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -104,8 +105,6 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str) -> tuple[dict[st
 
 def parameters_finite(engine: Any, device: torch.device) -> bool:
     """True when every rank's (partition of the) weights is finite."""
-    from llada_train.train.distributed import all_ranks_any
-
     bad = False
     for p in engine.module.parameters():
         local = p.ds_tensor if hasattr(p, "ds_tensor") else p
@@ -117,11 +116,11 @@ def parameters_finite(engine: Any, device: torch.device) -> bool:
 
 def gather_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights on every rank (ZeRO-3 partitions gathered one parameter at a time)."""
+    import deepspeed
+
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
         if zero_stage == 3:
-            import deepspeed
-
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 out[name] = p.detach().float().cpu().clone()
         else:
