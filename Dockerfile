@@ -48,7 +48,7 @@ RUN apt-get update \
 
 WORKDIR /opt/llada-train
 
-# Same install steps as the Makefile: scripts/install_torch.sh PY, then pip install -e .
+# Same install steps as the Makefile: scripts/install_torch.sh PY, then pip install -c constraints.txt -e .
 # A docker build sees no GPU, so the CUDA build is asked for explicitly.
 COPY scripts/install_torch.sh scripts/install_torch.sh
 RUN TORCH_BUILD=cuda TORCH_VERSION="${TORCH_VERSION}" TORCH_CUDA_INDEX_URL="${TORCH_INDEX_URL}" \
@@ -57,13 +57,13 @@ RUN TORCH_BUILD=cuda TORCH_VERSION="${TORCH_VERSION}" TORCH_CUDA_INDEX_URL="${TO
 
 COPY . /opt/llada-train
 # flash-attn's build needs torch at build time (--no-build-isolation); versions of the
-# package's own dependencies come from pyproject.toml.
-# hadolint ignore=DL3013
-RUN python -m pip install --no-cache-dir -e . \
+# package's own dependencies are pinned by constraints.txt, as in the Makefile.
+# hadolint ignore=DL3013  # pinned by the constraints file, which hadolint does not read
+RUN python -m pip install --no-cache-dir -c constraints.txt -e . \
     && if [ "${INSTALL_FLASH_ATTN}" = "1" ]; then \
-         python -m pip install --no-cache-dir packaging psutil \
+         python -m pip install --no-cache-dir -c constraints.txt packaging psutil \
          && MAX_JOBS="${MAX_JOBS}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" \
-            python -m pip install --no-cache-dir --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"; \
+            python -m pip install --no-cache-dir -c constraints.txt --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"; \
        fi \
     && python -c "import deepspeed, llada_train.cli.pretrain, llada_train.cli.sft"
 

@@ -10,21 +10,25 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DEMO_STEPS ?= 600
 DEMO_SFT_STEPS ?= 400
+# Every install is pinned by constraints.txt (refresh on purpose with `make lock`).
+# CONSTRAINTS= (empty) installs the newest releases pyproject.toml allows instead.
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL = $(PY) -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install dev demo test lint bench clean
+.PHONY: install dev demo test lint bench lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(PY) pyproject.toml scripts/install_torch.sh
+$(VENV)/.installed: $(PY) pyproject.toml constraints.txt scripts/install_torch.sh
 	scripts/install_torch.sh $(PY)
-	$(PY) -m pip install -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
 
 dev: $(VENV)/.installed-dev
@@ -42,7 +46,7 @@ demo: install
 	$(PY) -m llada_train.cli.demo_report --run-dir $(DEMO_DIR)/pretrain --sft-dir $(DEMO_DIR)/sft
 
 test: dev
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=10
 
 lint: dev
 	$(VENV)/bin/ruff check .
@@ -51,6 +55,10 @@ bench: dev
 	$(PY) benchmarks/data_bench.py
 	$(PY) benchmarks/train_bench.py
 	$(PY) benchmarks/sample_bench.py  # trains its model: ~15 min on 2 CPU cores
+
+# Re-resolve the newest allowed releases into constraints.txt (then run make test and commit).
+lock:
+	scripts/lock.sh $(PYTHON)
 
 clean:
 	rm -rf runs outputs .pytest_cache

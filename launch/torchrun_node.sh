@@ -20,7 +20,9 @@
 # LLADA_USR1_POLL_S seconds, default 1, until torchrun exits): a signal that arrives while
 # the ranks are still starting is not lost. This works whether SLURM signals only this
 # task (srun forwarding) or every process of the step (proctrack/cgroup).
-# shellcheck disable=SC2317  # the handlers below are called from traps only
+# The handlers below are called from traps only, which shellcheck cannot follow
+# (SC2317: unreachable; SC2329 since shellcheck 0.11: never invoked).
+# shellcheck disable=SC2317,SC2329
 set -uo pipefail
 module=${1:?usage: torchrun_node.sh MODULE [overrides...]}
 shift
