@@ -11,7 +11,7 @@ trap 'rm -rf "$(dirname "$venv")"' EXIT
 "$py" -m venv "$venv"
 TORCH_BUILD=cpu scripts/install_torch.sh "$venv/bin/python"
 # every extra that installs on a CPU machine (gpu's flash-attn needs CUDA to build)
-"$venv/bin/python" -m pip install -e '.[dev,plot,eval]'
+"$venv/bin/python" -m pip install -e '.[dev,plot,eval,hf,lora]'
 {
   echo "# Pinned versions for pip install -c constraints.txt (make install/dev, .ci/run, Dockerfile)."
   echo "# Made by scripts/lock.sh (make lock) with $("$venv/bin/python" --version) on $(date -u +%Y-%m-%d)."
