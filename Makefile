@@ -15,14 +15,14 @@ DEMO_SFT_STEPS ?= 400
 CONSTRAINTS ?= constraints.txt
 PIP_INSTALL = $(PY) -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install dev demo test lint bench lock clean
+.PHONY: install dev demo test lint bench lock clean golden
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(PY) pyproject.toml constraints.txt scripts/install_torch.sh
 	scripts/install_torch.sh $(PY)
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) -e '.[plot]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,14 +39,23 @@ demo: install
 	$(PY) -m data_pipelines.demo --out $(DEMO_DIR)/data
 	$(VENV)/bin/llada-pretrain run_dir=$(DEMO_DIR)/pretrain data=demo \
 		data.path=$(DEMO_DIR)/data/shards data.tokenizer=$(DEMO_DIR)/data/tokenizer.json \
-		trainer.max_steps=$(DEMO_STEPS) logging.log_every=50 logging.progress_bar=false
+		trainer.max_steps=$(DEMO_STEPS) logging.log_every=50 logging.progress_bar=false \
+		data.val_fraction=0.02 trainer.eval_every=50
 	$(VENV)/bin/llada-sft run_dir=$(DEMO_DIR)/sft init_from=$(DEMO_DIR)/pretrain/export data=sft_demo \
 		data.path=$(DEMO_DIR)/data/sft data.tokenizer=$(DEMO_DIR)/data/tokenizer.json \
 		trainer=sft_demo schedule=sft_demo trainer.max_steps=$(DEMO_SFT_STEPS) logging.log_every=50 logging.progress_bar=false
+	$(VENV)/bin/llada-plot $(DEMO_DIR)/pretrain
 	$(PY) -m llada_train.cli.demo_report --run-dir $(DEMO_DIR)/pretrain --sft-dir $(DEMO_DIR)/sft
 
+# two pytest workers: most tests wait on process start-up, so 2 cores run two at a time
+TEST_WORKERS ?= 2
 test: dev
-	$(PY) -m pytest -q -ra --durations=10
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --durations=10
+
+# Re-record tests/assets/losses/{pretrain,sft}.json (the golden loss curves) after a numeric
+# change made on purpose; review and commit the diff.
+golden: dev
+	LLADA_RECORD_GOLDEN=1 $(PY) -m pytest -q tests/test_golden_losses.py
 
 lint: dev
 	$(VENV)/bin/ruff check .

@@ -151,7 +151,7 @@ def bench_reader(shards: Path, B: int, L: int, seconds: float) -> tuple[float, f
         return x.numel()
 
     cfg = PretrainDataConfig(path=str(shards), tokenizer=None)
-    reader = build_pretrain_reader(cfg, L, B, 0, 0, 1)
+    reader, _ = build_pretrain_reader(cfg, L, B, 0, 0, 1)
     ours = lambda: next(reader)["input_ids"].numel()  # noqa: E731
     timed_rate(raw, 0.3), timed_rate(ours, 0.3)  # warm-up: page cache, maps
     rounds = [(timed_rate(ours, seconds / 10), timed_rate(raw, seconds / 10)) for _ in range(10)]

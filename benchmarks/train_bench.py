@@ -10,12 +10,19 @@ Rows:
   states (parameters, gradients, optimizer) at the end, where ZeRO-0 has freed its gradients but
   ZeRO-3 keeps its gradient partition buffer (and, on CPU, an fp32 copy of an fp32 partition),
   so the end-state ratio cannot go below ~0.83 (fp32) / ~0.57 (bf16) at any model size;
-- on a CUDA machine: MFU of `llada_1b` at sequence 4096 in bf16 on one GPU, SDPA vs flash-attn.
+- one fwd+bwd step of a model with the real 126,464 vocabulary (d 256, 2 layers, 2 x 1024):
+  the old full-logits loss vs the masked-row chunked loss, each in a fresh process: peak
+  resident growth during the step (the loss path dominates it) and step time;
+- on a CUDA machine: MFU of `llada_1b` at sequence 4096 in bf16 on one GPU, SDPA vs flash-attn
+  (benchmarks/gpu_bench.py has the full GPU table).
+
+    python benchmarks/train_bench.py --skip-speed --skip-memory   # the loss-path rows alone
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -32,9 +39,17 @@ sys.path.insert(0, str(REPO))
 from llada_train.config import LoggingConfig, OptimConfig, TrainerConfig  # noqa: E402
 from llada_train.diffusion import ObjectiveConfig, PretrainObjective  # noqa: E402
 from llada_train.model import LLaDAModel, ModelConfig  # noqa: E402
-from llada_train.train.distributed import DeepSpeedConfig, init_distributed  # noqa: E402
-from llada_train.train.loop import Trainer  # noqa: E402
+from llada_train.train.distributed import (  # noqa: E402
+    DeepSpeedConfig,
+    init_distributed,
+    render_deepspeed_config,
+)
+from llada_train.train.loop import LoopConfigs, Trainer  # noqa: E402
+from llada_train.train.parts import RunContext, TrainerParts  # noqa: E402
 from llada_train.train.schedule import ScheduleConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import full_logits_loss  # noqa: E402  (torch-only module)
 
 
 class RandomTokens:
@@ -68,11 +83,17 @@ def bench_speed(steps: int, blocks: int, batch: int, seq_len: int) -> tuple[floa
     objective = PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id)
     run_dir = Path(tempfile.mkdtemp(prefix="train_bench_"))
     trainer = Trainer(
-        model=make_model(cfg), model_cfg=cfg, objective=objective,
-        reader=RandomTokens(batch, seq_len, cfg.vocab_size, 0), dist_info=info, run_dir=run_dir, seed=0,
-        trainer=TrainerConfig(max_steps=10**9, global_batch_size=batch, micro_batch_size=batch, seq_len=seq_len),
-        optim=OptimConfig(), schedule=ScheduleConfig(name="constant", peak_lr=1e-3, warmup_steps=1),
-        deepspeed_cfg=DeepSpeedConfig(zero_stage=0), logging=LoggingConfig(progress_bar=False),
+        TrainerParts(model=make_model(cfg), model_cfg=cfg, objective=objective,
+                     reader=RandomTokens(batch, seq_len, cfg.vocab_size, 0), dist=info),
+        LoopConfigs(
+            trainer=TrainerConfig(max_steps=10**9, global_batch_size=batch, micro_batch_size=batch,
+                                  seq_len=seq_len),
+            optim=OptimConfig(), schedule=ScheduleConfig(name="constant", peak_lr=1e-3, warmup_steps=1),
+            logging=LoggingConfig(progress_bar=False),
+        ),
+        render_deepspeed_config(DeepSpeedConfig(zero_stage=0), batch, batch, info.world_size, 1.0,
+                                bf16=False),
+        RunContext(run_dir, seed=0),
     )
     bare = make_model(cfg).to(info.device)
     opt = torch.optim.AdamW(bare.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -124,6 +145,76 @@ def bench_memory(precision: str, world: int = 2) -> dict[int, dict[str, float]]:
     return out
 
 
+def _rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def loss_path_worker(path: str, batch: int, seq_len: int, steps: int) -> dict[str, float]:
+    """One fwd+bwd step of a big-vocabulary model on the ``old`` or ``new`` loss path.
+
+    Runs in its own process. The peak is the resident high-water mark during the first step
+    (reset just before it through /proc/self/clear_refs) minus the resident set before it;
+    parameter gradients (~250 MiB here) are allocated in that step on both paths.
+    """
+    cfg = ModelConfig(d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=704,
+                      vocab_size=126464, max_sequence_length=seq_len, bos_token_id=126080,
+                      eos_token_id=126081, pad_token_id=126081, mask_token_id=126336)
+    model = make_model(cfg)
+    objective = PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id)
+    data = {"input_ids": torch.randint(3, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))}
+    masked_rows = int(objective.draw(data, torch.Generator().manual_seed(1))[2].sum())
+
+    def step() -> float:
+        gen = torch.Generator().manual_seed(1)  # the same masks every step and on both paths
+        if path == "old":
+            loss = full_logits_loss(model, objective, data, gen)
+        else:
+            loss = objective(model, data, gen).loss
+        loss.backward()
+        return loss.item()
+
+    gc.collect()
+    rss0 = _rss_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    t0 = time.perf_counter()
+    loss = step()
+    first = time.perf_counter() - t0
+    peak = _rss_mib("VmHWM") - rss0
+    times = []
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"peak_growth_mib": peak, "first_step_s": first, "step_s": min(times), "loss": loss,
+            "masked_rows": masked_rows, "rows": batch * seq_len,
+            "chunk_rows": objective.cfg.loss_chunk_rows}
+
+
+def bench_loss_path(batch: int, seq_len: int, steps: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Old vs new loss path, alternating fresh processes; min time and max peak per path."""
+    out: dict[str, dict[str, float]] = {}
+    # a fixed mmap threshold returns every freed tensor >= 1 MiB at once: the peak is live memory
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
+    for _ in range(repeats):
+        for path in ("old", "new"):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--loss-worker", path, "--loss-batch", str(batch),
+                 "--loss-seq-len", str(seq_len), "--loss-steps", str(steps)],
+                env=env, check=True, capture_output=True, text=True,
+            )
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            if path in out:
+                r["step_s"] = min(r["step_s"], out[path]["step_s"])
+                r["peak_growth_mib"] = max(r["peak_growth_mib"], out[path]["peak_growth_mib"])
+            out[path] = r
+    return out
+
+
 def _gpu_tokens_per_s(cfg: ModelConfig, batch: int = 2, seq_len: int = 4096, iters: int = 10) -> float:
     """bf16 autocast training tokens/s of one model on the current GPU."""
     model = make_model(cfg).cuda()
@@ -153,7 +244,6 @@ def bench_gpu_mfu() -> list[tuple[str, float]]:
     """MFU of llada_1b, seq 4096, bf16, one GPU: (backend, mfu) rows."""
     from omegaconf import OmegaConf
 
-    from llada_train.model import count_parameters
     from llada_train.train.metrics import flops_per_token
 
     raw = OmegaConf.load(REPO / "conf" / "model" / "llada_1b.yaml")
@@ -168,7 +258,7 @@ def bench_gpu_mfu() -> list[tuple[str, float]]:
                 rows.append((backend, float("nan")))
                 continue
         tok_s = _gpu_tokens_per_s(cfg)
-        rows.append((backend, tok_s * flops_per_token(cfg, 4096, count_parameters(cfg)) / 989e12))
+        rows.append((backend, tok_s * flops_per_token(cfg, 4096) / 989e12))
         torch.cuda.empty_cache()
     return rows
 
@@ -180,13 +270,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true", help="skip trainer vs bare loop")
+    parser.add_argument("--skip-loss-path", action="store_true", help="skip old vs new loss path")
+    parser.add_argument("--loss-batch", type=int, default=2)
+    parser.add_argument("--loss-seq-len", type=int, default=1024)
+    parser.add_argument("--loss-steps", type=int, default=1, help="timed steps per process")
+    parser.add_argument("--loss-repeats", type=int, default=2, help="alternating processes per path")
+    parser.add_argument("--loss-worker", choices=("old", "new"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.loss_worker:
+        print(json.dumps(loss_path_worker(args.loss_worker, args.loss_batch, args.loss_seq_len, args.loss_steps)))
+        return
 
-    ours, bare = bench_speed(args.steps, args.blocks, args.batch, args.seq_len)
     print("\n| measurement | ours | baseline | ratio | target |")
     print("| --- | --- | --- | --- | --- |")
-    print(f"| trainer tokens/s vs bare PyTorch loop (tiny, {args.batch}x{args.seq_len}, 1 process) "
-          f"| {ours:,.0f} | {bare:,.0f} | {ours / bare:.3f}x | >= 0.95x |")
+    if not args.skip_speed:
+        ours, bare = bench_speed(args.steps, args.blocks, args.batch, args.seq_len)
+        print(f"| trainer tokens/s vs bare PyTorch loop (tiny, {args.batch}x{args.seq_len}, 1 process) "
+              f"| {ours:,.0f} | {bare:,.0f} | {ours / bare:.3f}x | >= 0.95x |")
+    if not args.skip_loss_path:
+        lp = bench_loss_path(args.loss_batch, args.loss_seq_len, args.loss_steps, args.loss_repeats)
+        new, old = lp["new"], lp["old"]
+        shape = (f"V 126,464, d 256, 2 layers, {args.loss_batch}x{args.loss_seq_len}, "
+                 f"{new['masked_rows']} masked rows, chunk {new['chunk_rows']} rows, fp32, fwd+bwd")
+        print(f"| big-vocab step peak resident growth, masked-row chunked vs full-logits loss ({shape}; MiB) "
+              f"| {new['peak_growth_mib']:,.0f} | {old['peak_growth_mib']:,.0f} "
+              f"| {new['peak_growth_mib'] / old['peak_growth_mib']:.3f}x | <= 0.33x |")
+        print(f"| big-vocab step time, masked-row chunked vs full-logits loss (s, min of "
+              f"{args.loss_steps * args.loss_repeats}) | {new['step_s']:.3f} | {old['step_s']:.3f} "
+              f"| {new['step_s'] / old['step_s']:.3f}x | <= 1.0x |")
+        print(f"| big-vocab step loss, same masks (equal by construction) | {new['loss']:.5f} "
+              f"| {old['loss']:.5f} | {new['loss'] / old['loss']:.6f}x | 1.0x |")
     if not args.skip_memory:
         for precision in ("fp32", "bf16"):
             mem = bench_memory(precision)

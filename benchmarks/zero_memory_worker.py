@@ -28,7 +28,8 @@ from llada_train.diffusion import ObjectiveConfig, PretrainObjective  # noqa: E4
 from llada_train.model import ModelConfig  # noqa: E402
 from llada_train.train.build import build_model  # noqa: E402
 from llada_train.train.distributed import DeepSpeedConfig, init_distributed, render_deepspeed_config  # noqa: E402
-from llada_train.train.loop import Trainer  # noqa: E402
+from llada_train.train.loop import LoopConfigs, Trainer  # noqa: E402
+from llada_train.train.parts import RunContext, TrainerParts  # noqa: E402
 from llada_train.train.schedule import ScheduleConfig  # noqa: E402
 
 MIB = 2**20
@@ -105,12 +106,14 @@ def main() -> None:
     ds_json = render_deepspeed_config(ds, 2, 1, info.world_size, 1.0, bf16)
     model = build_model(cfg, stage, ds_json, seed=0, init_from=None)
     trainer = Trainer(
-        model=model, model_cfg=cfg,
-        objective=PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id),
-        reader=RandomTokens(1, 32, cfg.vocab_size, info.rank), dist_info=info,
-        run_dir=Path(tempfile.mkdtemp()), seed=0, trainer=tcfg, optim=OptimConfig(),
-        schedule=ScheduleConfig(name="constant", peak_lr=1e-4, warmup_steps=1), deepspeed_cfg=ds,
-        logging=LoggingConfig(progress_bar=False),
+        TrainerParts(model=model, model_cfg=cfg,
+                     objective=PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id),
+                     reader=RandomTokens(1, 32, cfg.vocab_size, info.rank), dist=info),
+        LoopConfigs(trainer=tcfg, optim=OptimConfig(),
+                    schedule=ScheduleConfig(name="constant", peak_lr=1e-4, warmup_steps=1),
+                    logging=LoggingConfig(progress_bar=False)),
+        ds_json,  # the dict the model was built with: rendered once
+        RunContext(Path(tempfile.mkdtemp()), seed=0),
     )
     for _ in range(2):
         trainer.train_step()

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data_pipelines import demo_corpus, sft_records
+from data_pipelines import demo_corpus
+from data_pipelines.sft_records import RecordSpec, build_records
 from data_pipelines.sources import SourceSpec
 from data_pipelines.tokenize import tokenize_to_shards
 from data_pipelines.train_tokenizer import save_tokenizer, train_bpe
@@ -71,19 +72,9 @@ def prepare_demo(
         overwrite=True,
         progress=progress,
     )
-    args = sft_records.build_arg_parser().parse_args(
-        [
-            "--input",
-            str(chat),
-            "--tokenizer",
-            str(tok_path),
-            "--out",
-            str(out / "sft"),
-            "--max-length",
-            "256",
-        ]
+    sft = build_records(
+        SourceSpec(inputs=[str(chat)]), str(tok_path), out / "sft", RecordSpec(max_length=256)
     )
-    sft = sft_records.build_records(args)
     summary = {
         "settings": settings,
         "tokenizer": str(tok_path),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 from data_pipelines.shards import remove_temp_files, write_array_atomic
 from data_pipelines.sources import SourceSpec, add_input_arguments, describe_sources, iter_rows
 from llada_train.atomic import write_json_atomic
-from llada_train.data.chat import ChatEncoder, ChatTemplate, split_turns, validate_messages
+from llada_train.chat import ChatEncoder, ChatTemplate, split_turns, validate_messages
 from llada_train.data.tokenizer import (
     load_tokenizer,
     resolve_special_ids,
@@ -36,40 +36,65 @@ FORMAT = "llada-sft-records"
 CHUNK = 2048  # dialogues per batch-encode call
 
 
-def _dialogue(row: dict[str, Any], where: str, a: argparse.Namespace) -> list[dict[str, str]]:
+@dataclass
+class RecordSpec:
+    """How rows become SFT records (the flags of ``llada-sft-data`` beside input and output)."""
+
+    messages_field: str = "messages"  # field with [{role, content}, ...]
+    prompt_field: str = "prompt"  # pair records (GSM8K: question)
+    response_field: str = "response"  # pair records (GSM8K: answer)
+    system: str | None = None  # system message put before each pair record's prompt
+    turns: str = "all"  # records per n-turn dialogue: "all" n, or one at "random"
+    seed: int = 0  # seed of turns="random"
+    max_length: int | None = None  # longest record in tokens
+    overflow: str = "drop"  # longer records: "drop" or "truncate"
+    eos_token: str | None = None  # EOS (padding) token string; default from the tokenizer
+    template: ChatTemplate = field(default_factory=ChatTemplate)
+
+
+TURNS = ("all", "random")
+OVERFLOW = ("drop", "truncate")
+
+
+def _dialogue(row: dict[str, Any], where: str, spec: RecordSpec) -> list[dict[str, str]]:
     """The row as a list of messages: chat rows as they are, pair rows as user + assistant."""
-    if a.messages_field in row:
-        return validate_messages(row[a.messages_field], where)
-    if a.prompt_field in row and a.response_field in row:
-        p, r = row[a.prompt_field], row[a.response_field]
+    if spec.messages_field in row:
+        return validate_messages(row[spec.messages_field], where)
+    if spec.prompt_field in row and spec.response_field in row:
+        p, r = row[spec.prompt_field], row[spec.response_field]
         if not isinstance(p, str) or not isinstance(r, str):
             raise LladaError(
-                f"{where}: fields {a.prompt_field!r}/{a.response_field!r} must be strings"
+                f"{where}: fields {spec.prompt_field!r}/{spec.response_field!r} must be strings"
             )
         msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-        return ([{"role": "system", "content": a.system}] if a.system else []) + msgs
+        return ([{"role": "system", "content": spec.system}] if spec.system else []) + msgs
     keys = ", ".join(sorted(map(str, row))[:10])
     raise LladaError(
-        f"{where} has neither {a.messages_field!r} nor {a.prompt_field!r}+{a.response_field!r} (fields: {keys}): "
+        f"{where} has neither {spec.messages_field!r} nor "
+        f"{spec.prompt_field!r}+{spec.response_field!r} (fields: {keys}): "
         "pass --messages-field or --prompt-field/--response-field"
     )
 
 
-def build_records(a: argparse.Namespace) -> dict[str, Any]:
-    """Build the record folder described by parsed CLI arguments; returns the manifest."""
-    tok = load_tokenizer(a.tokenizer)
-    special = resolve_special_ids(tok, a.tokenizer, a.eos_token, None)
-    template = ChatTemplate(
-        bos=a.bos_token, header_start=a.header_start, header_end=a.header_end, eot=a.eot_token
-    )
-    chat = ChatEncoder(tok, template)
+def build_records(
+    source: SourceSpec, tokenizer: str | Path, out: str | Path, spec: RecordSpec | None = None
+) -> dict[str, Any]:
+    """Build the SFT record folder ``out`` from the rows of ``source``; returns the manifest."""
+    spec = spec or RecordSpec()
+    if not source.inputs and not source.dataset:
+        raise LladaError("no input: pass --input FILES or --dataset NAME")
+    if spec.turns not in TURNS or spec.overflow not in OVERFLOW:
+        raise LladaError(
+            f"turns={spec.turns!r} / overflow={spec.overflow!r}: "
+            f"use turns in {TURNS}, overflow in {OVERFLOW}"
+        )
+    if spec.max_length is not None and spec.max_length < 2:
+        raise LladaError(f"--max-length={spec.max_length} is too small")
+    tok = load_tokenizer(tokenizer)
+    special = resolve_special_ids(tok, tokenizer, spec.eos_token, None)
+    chat = ChatEncoder(tok, spec.template)
     vocab = vocab_size_of(tok)
     dtype = np.dtype("uint16" if vocab <= 1 << 16 else "uint32")
-    if a.max_length is not None and a.max_length < 2:
-        raise LladaError(f"--max-length={a.max_length} is too small")
-    spec = SourceSpec(
-        inputs=a.input, dataset=a.dataset, dataset_config=a.dataset_config, split=a.split
-    )
     stats = {
         "dialogues": 0,
         "pairs": 0,
@@ -90,9 +115,9 @@ def build_records(a: argparse.Namespace) -> dict[str, Any]:
                 stats["no_assistant_turn"] += 1
                 continue
             if (
-                a.turns == "random"
+                spec.turns == "random"
             ):  # one pair per dialogue, seeded by (seed, dialogue index): order-free
-                k = int(np.random.default_rng([a.seed, idx]).integers(len(turns)))
+                k = int(np.random.default_rng([spec.seed, idx]).integers(len(turns)))
                 turns = [turns[k]]
             stats["pairs"] += len(turns)
             for history, answer in turns:
@@ -100,19 +125,19 @@ def build_records(a: argparse.Namespace) -> dict[str, Any]:
         ids = chat.encode(segs)
         for j in range(len(segs) // 2):
             prompt, response = ids[2 * j], ids[2 * j + 1]
-            if a.max_length is not None and len(prompt) + len(response) > a.max_length:
-                if a.overflow == "drop" or len(prompt) >= a.max_length:
+            if spec.max_length is not None and len(prompt) + len(response) > spec.max_length:
+                if spec.overflow == "drop" or len(prompt) >= spec.max_length:
                     stats["dropped_too_long"] += 1
                     continue
-                response = response[: a.max_length - len(prompt)]
+                response = response[: spec.max_length - len(prompt)]
                 stats["truncated"] += 1
             tokens.append(np.asarray(prompt + response, dtype=dtype))
             lens.append(len(prompt) + len(response))
             plens.append(len(prompt))
 
     batch: list[tuple[int, list[dict[str, str]]]] = []
-    for where, row in iter_rows(spec):
-        batch.append((stats["dialogues"], _dialogue(row, where, a)))
+    for where, row in iter_rows(source):
+        batch.append((stats["dialogues"], _dialogue(row, where, spec)))
         stats["dialogues"] += 1
         if len(batch) >= CHUNK:
             flush(batch)
@@ -121,9 +146,10 @@ def build_records(a: argparse.Namespace) -> dict[str, Any]:
     stats["records"] = len(lens)
     if not lens:
         raise LladaError(
-            f"no SFT records from {', '.join(a.input or [a.dataset or ''])}: every row was dropped or empty"
+            f"no SFT records from {', '.join(source.inputs or [source.dataset or ''])}: "
+            "every row was dropped or empty"
         )
-    out = Path(a.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out)
     (out / "manifest.json").unlink(
@@ -149,20 +175,20 @@ def build_records(a: argparse.Namespace) -> dict[str, Any]:
         "version": 1,
         "dtype": dtype.name,
         "vocab_size": vocab,
-        "tokenizer": str(a.tokenizer),
-        "tokenizer_sha256": tokenizer_fingerprint(a.tokenizer),
+        "tokenizer": str(tokenizer),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "eos_id": special.eos,
         "num_records": len(lens),
         "max_record_length": int(max(lens)),
         "num_tokens": int(offsets[-1]),
         "files": files,
         "stats": stats,
-        "template": asdict(template),
-        "turns": a.turns,
-        "seed": a.seed,
-        "max_length": a.max_length,
-        "overflow": a.overflow,
-        "sources": describe_sources(spec),
+        "template": asdict(spec.template),
+        "turns": spec.turns,
+        "seed": spec.seed,
+        "max_length": spec.max_length,
+        "overflow": spec.overflow,
+        "sources": describe_sources(source),
     }
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
@@ -210,13 +236,25 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def specs_from_args(a: argparse.Namespace) -> tuple[SourceSpec, str, str, RecordSpec]:
+    """``build_records`` arguments (source, tokenizer, out, spec) from parsed CLI flags."""
+    source = SourceSpec(
+        inputs=a.input, dataset=a.dataset, dataset_config=a.dataset_config, split=a.split
+    )
+    template = ChatTemplate(
+        bos=a.bos_token, header_start=a.header_start, header_end=a.header_end, eot=a.eot_token
+    )
+    # every RecordSpec field but the template is a flag of the same name
+    flags = {f.name: getattr(a, f.name) for f in fields(RecordSpec) if f.name != "template"}
+    spec = RecordSpec(**flags, template=template)
+    return source, a.tokenizer, a.out, spec
+
+
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``llada-sft-data``."""
     a = build_arg_parser().parse_args(argv)
-    if not a.input and not a.dataset:
-        raise LladaError("no input: pass --input FILES or --dataset NAME")
-    m = build_records(a)
+    m = build_records(*specs_from_args(a))
     s = m["stats"]
     print(
         f"{a.out}: {s['records']:,} records from {s['dialogues']:,} dialogues ({s['pairs']:,} pairs; "

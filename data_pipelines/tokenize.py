@@ -163,6 +163,14 @@ def tokenize_to_shards(
         "bos_id": special.bos,
         "dtype": dtype,
     }
+    # peek before anything is written: an empty input must not produce an empty shard set
+    all_docs = iter_documents(spec)
+    first = next(all_docs, None)
+    if first is None:
+        raise LladaError(
+            f"no documents in {', '.join([*map(str, spec.inputs or []), *filter(None, [spec.dataset])])}"
+            " (empty or blank text only): nothing written; check --input/--dataset and --text-field"
+        )
     state = _start_state(out, settings, overwrite)
     if state is None:
         print(f"{out / MANIFEST} is already complete for these settings; nothing to do")
@@ -176,7 +184,7 @@ def tokenize_to_shards(
             os._exit(75)
 
     packer = ShardPacker(out, shard_tokens, np.dtype(dtype), state)
-    docs = itertools.islice(iter_documents(spec), state["next_doc"], None)  # skip what is written
+    docs = itertools.islice(itertools.chain([first], all_docs), state["next_doc"], None)  # skip done
     chunks = _chunks(docs, chunk_docs, chunk_chars)
     init = (str(tokenizer_json_path(tokenizer)), special.eos, bos, dtype)
     bar = _progress_bar(progress, state["next_doc"])

@@ -42,7 +42,13 @@ def train_bpe(
         )
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
-        raise LladaError(f"tokenizer training files not found: {', '.join(missing)}")
+        raise LladaError(
+            f"tokenizer training files not found: {', '.join(missing)}: pass existing text files"
+        )
+    if texts is None and files and all(Path(f).stat().st_size == 0 for f in files):
+        raise LladaError(
+            f"tokenizer training files are empty: {', '.join(map(str, files))}: pass files with text"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -87,8 +93,8 @@ def save_tokenizer(tok, out_dir: str | Path) -> Path:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m data_pipelines.train_tokenizer --out DIR FILE...``."""
-    ap = argparse.ArgumentParser(description=__doc__)
+    """CLI: ``llada-train-tokenizer --out DIR FILE...``."""
+    ap = argparse.ArgumentParser(prog="llada-train-tokenizer", description=__doc__)
     ap.add_argument("files", nargs="+", help="text files to train on")
     ap.add_argument("--out", required=True, help="folder for tokenizer.json and HF config files")
     ap.add_argument("--vocab-size", type=int, default=512)
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = train_bpe(args.files, args.vocab_size, args.min_frequency)
     path = save_tokenizer(tok, args.out)
     print(f"wrote {path} (vocab {tok.get_vocab_size()})")
+    print(f"next: llada-tokenize --input {' '.join(args.files)} --tokenizer {args.out} --out SHARDS_DIR")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,25 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _clean_deepspeed_shm():
-    """DeepSpeed's CPU all-reduce leaves 66 MiB /dev/shm files per rank and port; remove ours."""
-    before = set(glob.glob("/dev/shm/deepspeed_*"))
-    yield
+def _is_xdist_worker() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
+
+
+def pytest_sessionstart(session) -> None:
+    """Note DeepSpeed's /dev/shm files before the run (in the main process only)."""
+    if not _is_xdist_worker():
+        session.config._shm_before = set(glob.glob("/dev/shm/deepspeed_*"))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """DeepSpeed's CPU all-reduce leaves 66 MiB /dev/shm files per rank and port; remove ours.
+
+    Done by the main process after every xdist worker has finished, so no worker's live
+    files are removed under it.
+    """
+    before = getattr(session.config, "_shm_before", None)
+    if before is None or _is_xdist_worker():
+        return
     for f in set(glob.glob("/dev/shm/deepspeed_*")) - before:
         with contextlib.suppress(OSError):
             os.remove(f)

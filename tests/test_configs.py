@@ -10,13 +10,16 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from llada_train.config import register_configs
+from llada_train.errors import LladaError
 from tests.conftest import REPO
 
 CONF = REPO / "conf"
 ROOTS = sorted(p.stem for p in CONF.glob("*.yaml"))
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
-# groups whose options belong to one root only
-ROOT_OF_GROUP = {"data": ("pretrain", "sft")}
+# the roots a group's options compose with: any one of them (a data option fits one kind of
+# run), or every one of them (a decode option serves both inference entry points)
+ROOT_OF_GROUP = {"data": ("pretrain", "sft"), "decode": ("generate", "eval")}
+EVERY_ROOT = {"decode"}
 
 register_configs()
 for module in ("llada_train.cli.generate", "llada_train.cli.eval"):
@@ -45,6 +48,10 @@ def _options() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("group", "option"), _options())
 def test_every_group_option_composes(group, option):
     roots = ROOT_OF_GROUP.get(group, ("pretrain", "sft"))
+    if group in EVERY_ROOT:
+        for root in roots:
+            _compose(root, [f"{group}={option}"])
+        return
     errors = []
     for root in roots:
         try:
@@ -53,6 +60,33 @@ def test_every_group_option_composes(group, option):
         except Exception as exc:  # a data option fits exactly one of the roots
             errors.append(f"{root}: {exc}")
     pytest.fail(f"{group}/{option}.yaml composes with no root: {errors}")
+
+
+@pytest.mark.parametrize("root", ["generate", "eval"])
+def test_decode_group_is_typed_and_strict(root):
+    from llada_train.eval.config import to_schema
+    from llada_train.eval.decode import DECODERS, LowConfidenceConfig, MedConfig
+
+    default = to_schema(_compose(root, []))
+    assert type(default.decode) is LowConfidenceConfig and default.decode.block_length == 32
+    assert default.decode.steps is None  # one token per step: steps = gen_length
+    assert default.decode.gen_length == {"generate": 128, "eval": 256}[root]
+    for name, entry in DECODERS.items():
+        cfg = to_schema(_compose(root, [f"decode={name}"]))
+        assert type(cfg.decode) is entry.config and cfg.decode.method == name
+    overrides = ["decode=med", "decode.entropy_threshold=0.3", "decode.gen_length=64"]
+    med = to_schema(_compose(root, overrides))
+    assert type(med.decode) is MedConfig
+    assert (med.decode.entropy_threshold, med.decode.gen_length) == (0.3, 64)
+    # a knob of another method: refused whether overridden or added
+    with pytest.raises(ConfigCompositionException, match="decode.steps"):
+        _compose(root, ["decode=med", "decode.steps=3"])
+    with pytest.raises(LladaError, match="decode.steps is not a setting of MedConfig"):
+        to_schema(_compose(root, ["decode=med", "+decode.steps=3"]))  # Hydra's + skips the schema
+    with pytest.raises(LladaError, match="foo is not a setting of"):
+        to_schema(_compose(root, ["+foo=1"]))
+    with pytest.raises(ConfigCompositionException, match="entropy_threshold"):
+        _compose(root, ["decode=med", "decode.entropy_threshold=low"])
 
 
 def test_unknown_key_is_an_error():

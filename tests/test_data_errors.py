@@ -14,7 +14,7 @@ from tests.conftest_data import counting_shards, run_py
 
 def build(path, **kw):
     cfg = PretrainDataConfig(path=str(path), tokenizer=kw.pop("tokenizer", None), **kw)
-    return build_pretrain_reader(cfg, 16, 2, seed=0, rank=0, world_size=1)
+    return build_pretrain_reader(cfg, 16, 2, seed=0, rank=0, world_size=1)[0]
 
 
 def test_truncated_shard_names_file_and_sizes(tmp_path):
@@ -71,8 +71,9 @@ def test_vocab_mismatch_with_model():
 
 def test_tokenizer_mismatch(demo_data, tmp_path):
     shards = demo_data / "shards"
-    r = build(shards, tokenizer=str(demo_data / "tokenizer.json"))
-    assert r.vocab_size == 512
+    cfg = PretrainDataConfig(path=str(shards), tokenizer=str(demo_data / "tokenizer.json"))
+    _, info = build_pretrain_reader(cfg, 16, 2, seed=0, rank=0, world_size=1)
+    assert info.vocab_size == 512
     other = tmp_path / "tokenizer.json"
     other.write_text(
         (demo_data / "tokenizer.json").read_text().replace('"<|mdm_mask|>"', '"<|mask|>"')

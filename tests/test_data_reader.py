@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from llada_train.data import PretrainDataConfig, SourceConfig, build_pretrain_reader
-from llada_train.data.permute import permute
+from llada_train.data.pretrain import document_ids
 from llada_train.data.stream import Schedule, StreamState, plan_steps, walk
-from tests.conftest_data import counting_shards, run_py
+from llada_train.errors import LladaError
+from llada_train.keyed_random import permute
+from tests.conftest_data import counting_shards, run_py, write_shard_set
 
 L = 16
 
@@ -39,10 +41,11 @@ def test_permutation_is_a_bijection_and_seeded():
 def test_windows_span_shards_and_drop_the_tail(tmp_path):
     # 3 shards of 50, 7, 60 tokens: 117 tokens -> 7 windows of 16 (5 tokens of tail unused)
     counting_shards(tmp_path / "s", [50, 7, 60])
-    r = build_pretrain_reader(
+    r, info = build_pretrain_reader(
         cfg_for(tmp_path / "s"), L, micro_batch_size=7, seed=0, rank=0, world_size=1
     )
-    assert r.sched.sizes == [7] and r.vocab_size == 117
+    assert r.sched.sizes == [7] and info.vocab_size == 117
+    assert info.num_records is None and len(info.manifests) == 1  # a token stream, one source
     seen = window_ids(next(r)["input_ids"])  # window 3 = tokens 48..63 spans all three shards
     assert sorted(seen) == list(range(7)) and r.epoch == 1
 
@@ -77,7 +80,7 @@ def test_dataloader_workers_match_in_process_order_and_cover_epoch(tmp_path, ran
         readers = [
             build_pretrain_reader(
                 cfg_for(tmp_path / "s", num_workers=nw), L, 5, seed=9, rank=r, world_size=ranks
-            )
+            )[0]
             for r in range(ranks)
         ]
         got[nw] = [[window_ids(next(rd)["input_ids"]) for _ in range(steps)] for rd in readers]
@@ -92,7 +95,7 @@ def test_seed_changes_order_deterministically(tmp_path):
     counting_shards(tmp_path / "s", [1000])
 
     def first(seed):
-        r = build_pretrain_reader(cfg_for(tmp_path / "s"), L, 8, seed=seed, rank=0, world_size=1)
+        r, _ = build_pretrain_reader(cfg_for(tmp_path / "s"), L, 8, seed=seed, rank=0, world_size=1)
         return window_ids(next(r)["input_ids"])
 
     assert first(1) == first(1) and first(1) != first(2)
@@ -104,7 +107,7 @@ from llada_train.data import PretrainDataConfig, SourceConfig, build_pretrain_re
 for a in json.loads(sys.argv[1]):
     cfg = PretrainDataConfig(path=a["path"], tokenizer=None, num_workers=a["nw"],
                              sources=[SourceConfig(**s) for s in a["sources"]])
-    r = build_pretrain_reader(cfg, a["L"], a["B"], seed=5, rank=a["rank"], world_size=a["world"])
+    r, _ = build_pretrain_reader(cfg, a["L"], a["B"], seed=5, rank=a["rank"], world_size=a["world"])
     r.load_state_dict(json.load(open(a["state"])))
     out = [next(r)["input_ids"].tolist() for _ in range(a["n"])]
     r.close()
@@ -127,7 +130,7 @@ def test_resume_in_fresh_process_gives_identical_batches(tmp_path):
         ),
     ]:
         cfg = cfg_for(tmp_path / "a", sources=[SourceConfig(**s) for s in sources])
-        r = build_pretrain_reader(cfg, L, 4, seed=5, rank=1, world_size=2)
+        r, _ = build_pretrain_reader(cfg, L, 4, seed=5, rank=1, world_size=2)
         for _ in range(13):  # past the end of the first epoch of the smaller source
             next(r)
         (tmp_path / f"{name}.json").write_text(json.dumps(r.state_dict()))
@@ -154,13 +157,13 @@ def test_resume_in_fresh_process_gives_identical_batches(tmp_path):
 def test_resume_with_another_world_size_continues_without_gap_or_overlap(tmp_path):
     counting_shards(tmp_path / "s", [64 * L])  # 64 windows
     cfg = cfg_for(tmp_path / "s")
-    old = [build_pretrain_reader(cfg, L, 4, seed=1, rank=r, world_size=2) for r in range(2)]
+    old = [build_pretrain_reader(cfg, L, 4, seed=1, rank=r, world_size=2)[0] for r in range(2)]
     seen = [
         w for _ in range(3) for rd in old for w in window_ids(next(rd)["input_ids"])
     ]  # 24 windows
     state = old[0].state_dict()
     assert state == old[1].state_dict() and state["position"] == 24
-    new = build_pretrain_reader(cfg, L, 10, seed=1, rank=0, world_size=1)
+    new, _ = build_pretrain_reader(cfg, L, 10, seed=1, rank=0, world_size=1)
     new.load_state_dict(state)
     seen += [w for _ in range(4) for w in window_ids(next(new)["input_ids"])]
     assert sorted(seen) == list(range(64)) and new.epoch == 1
@@ -175,7 +178,7 @@ def test_mixture_weights_and_per_source_coverage(tmp_path):
         SourceConfig(str(tmp_path / "code"), 0.2),
         SourceConfig(str(tmp_path / "math"), 0.1),
     ]
-    r = build_pretrain_reader(
+    r, info = build_pretrain_reader(
         PretrainDataConfig(path="", tokenizer=None, sources=srcs),
         L,
         50,
@@ -192,3 +195,26 @@ def test_mixture_weights_and_per_source_coverage(tmp_path):
     for e in range(len(math_windows) // 10):  # each pass over "math" reads its 10 windows once
         assert sorted(math_windows[10 * e : 10 * e + 10]) == list(range(10))
     assert r.state_dict()["counters"] == counts.tolist()
+    assert len(info.manifests) == 3  # one manifest per source, beside the reader
+
+
+# ---- document-masked packing (data.document_mask) ----------------------------------------
+EOS = 1
+
+
+def test_document_ids_start_a_new_document_after_each_eos():
+    x = torch.tensor([[5, 6, EOS, 7, EOS, EOS, 8, 9]])
+    # the EOS belongs to the document it ends; an empty document is just its EOS
+    assert document_ids(x, EOS).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3]]
+
+
+def test_reader_emits_document_ids_when_asked(tmp_path):
+    stream = np.array([5, 6, EOS, 7, 8, 9, EOS, 4] * 4)  # 32 tokens: 4 windows of 8
+    write_shard_set(tmp_path / "s", [stream], vocab_size=40)
+    cfg = PretrainDataConfig(path=str(tmp_path / "s"), tokenizer=None, document_mask=True)
+    reader, _ = build_pretrain_reader(cfg, 8, 2, seed=0, rank=0, world_size=1, eos_token_id=EOS)
+    batch = next(reader)
+    assert batch["document_ids"].dtype == torch.int64
+    assert batch["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 2]] * 2
+    with pytest.raises(LladaError, match="eos_token_id"):
+        build_pretrain_reader(cfg, 8, 2, seed=0, rank=0, world_size=1)

@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from llada_train.chat import ChatTemplate
 from llada_train.errors import LladaError
-from llada_train.eval import (
-    DecodeConfig,
-    TextCodec,
-    decode_batch,
-    evaluate_generation,
-    get_extractor,
-)
+from llada_train.eval import TextCodec, decode_batch, evaluate_generation, get_extractor
+from llada_train.eval.decode import LowConfidenceConfig
 from llada_train.model import LLaDAModel, ModelConfig, save_pretrained
 from llada_train.sample import left_pad
 
@@ -59,7 +55,8 @@ def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
 def test_generate_cli(model_dir, tmp_path):
     res = run_cli(
         "llada_train.cli.generate", f"model_path={model_dir}", "prompts=[what is 3 plus 4,what is 2]",
-        "decode.method=med", "decode.gen_length=8", "decode.block_length=4",
+        "decode=med", "decode.gen_length=8", "decode.block_length=4",
+        "decode.entropy_threshold=0.5",
         f"hydra.run.dir={tmp_path}",
     )
     assert res.returncode == 0, res.stderr
@@ -78,10 +75,18 @@ def test_cli_config_errors(capsys):
         with pytest.raises(ConfigCompositionException, match="gen_lenght"):
             compose(config_name="generate", overrides=["decode.gen_lenght=8"])  # strict schema
         cfg = compose(config_name="generate", overrides=["prompts=[what]"])
+        mixed = compose(
+            config_name="generate",
+            overrides=["prompts=[what]", "model_path=m", "decode=med", "decode.method=random"],
+        )
     with pytest.raises(SystemExit) as exc:
         generate_cli.run_config(cfg)  # model_path left at ???
     assert exc.value.code == 2
     assert "model_path is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        generate_cli.run_config(mixed)  # med's settings cannot run as random
+    assert exc.value.code == 2
+    assert "choose the method with decode=random" in capsys.readouterr().err
 
 
 def test_eval_cli_matches_library(model_dir, tmp_path):
@@ -106,7 +111,7 @@ def test_eval_cli_matches_library(model_dir, tmp_path):
 
     model = load_pretrained(model_dir).eval()
     codec = TextCodec(model_dir, bos_token_id=0, stop_ids=[1])
-    cfg = DecodeConfig(gen_length=8, steps=8, block_length=4)
+    cfg = LowConfidenceConfig(gen_length=8, steps=8, block_length=4)
     ids, attn = left_pad([codec.encode_prompt(r["question"]) for r in rows], 1)
     lib = decode_batch(model, ids, attn, cfg, mask_token_id=2, eos_token_id=1, eot_token_id=None,
                        decode=codec.decode, extract=get_extractor("gsm8k"))
@@ -116,39 +121,23 @@ def test_eval_cli_matches_library(model_dir, tmp_path):
     assert report.total == 3 and report.correct == correct and report.mean_nfe == 8
 
 
-@pytest.mark.parametrize("method", ["random", "med", "threshold", "hex", "tolerator", "infill"])
-def test_every_method_decodes(model_dir, method):
-    from llada_train.model import load_pretrained
-
-    model = load_pretrained(model_dir).eval()
-    codec = TextCodec(model_dir, bos_token_id=0, stop_ids=[1])
-    cfg = DecodeConfig(method=method, gen_length=8, steps=8, block_length=4, hex_block_lengths=[2, 4, 8],
-                       budget=6, answer_length=2, infill_delimiter="####")
-    ids, attn = left_pad([codec.encode_prompt("what is 3 plus 4"), codec.encode_prompt("what")], 1)
-    res = decode_batch(model, ids, attn, cfg, mask_token_id=2, eos_token_id=1, eot_token_id=None,
-                       decode=codec.decode, extract=get_extractor("gsm8k"), encode=codec.encode,
-                       generator=torch.Generator().manual_seed(0))
-    assert len(res.texts) == len(res.answers) == len(res.row_nfe) == 2
-    assert all(1 <= n <= (12 if method == "hex" else 8) for n in res.row_nfe)
-    if method == "tolerator":
-        assert res.row_nfe == [6, 6]
-    if method == "infill":
-        assert all("####" in t for t in res.texts)
-
-
 def test_llada_chat_template(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     specials = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    words = specials + ["user", "assistant", "what", "is", "3"]
+    words = specials + ["user", "assistant", "what", "is", "3", "system"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(specials)
     tok.save(str(tmp_path / "tokenizer.json"))
-    codec = TextCodec(tmp_path, bos_token_id=0, stop_ids=[1, 4], chat_template="llada")
+    codec = TextCodec(tmp_path, bos_token_id=0, stop_ids=[1, 4], chat=ChatTemplate())
     ids = codec.encode_prompt("what is 3")
     # BOS once, user header, text, EoT, assistant header (SPEC §1)
     assert ids == [0, 2, 5, 3, 7, 8, 9, 4, 2, 6, 3]
     assert codec.decode([7, 8, 4, 9]) == "what is"  # cut at EoT
-    with pytest.raises(LladaError):
-        TextCodec(tmp_path, chat_template="no placeholder")
+    sys_codec = TextCodec(tmp_path, chat=ChatTemplate(), system="is")
+    assert sys_codec.encode_prompt("3") == [0, 2, 10, 3, 8, 4, 2, 5, 3, 9, 4, 2, 6, 3]
+    with pytest.raises(LladaError, match="not in the tokenizer"):
+        TextCodec(tmp_path, chat=ChatTemplate(eot="<|im_end|>"))  # token strings are checked
+    with pytest.raises(LladaError, match="chat=true"):
+        TextCodec(tmp_path, system="be brief")

@@ -9,6 +9,7 @@ import torch
 
 from llada_train.diffusion.likelihood import conditional_log_likelihood
 from llada_train.errors import LladaError
+from llada_train.eval.decode import HexConfig
 from llada_train.eval.lm_eval_adapter import LLaDAHarness, build_harness_class
 from llada_train.sample import generate
 from tests.test_eval_cli import model_dir  # noqa: F401  (module-scoped fixture: tiny model folder)
@@ -36,6 +37,16 @@ def test_core_loglikelihood_and_generation(model_dir):  # noqa: F811
     assert len(texts) == 2 and "plus" not in texts[0]
     with pytest.raises(LladaError, match="unknown key"):
         LLaDAHarness(str(model_dir), no_such_arg="1")
+    # method picks the decode config; its settings come converted, others are refused
+    hexed = LLaDAHarness(str(model_dir), method="hex", gen_length="4", block_lengths="2;4",
+                         tokens_per_step="1", cfg_scale="0.5", chat="false")
+    assert type(hexed.decode_cfg) is HexConfig and hexed.decode_cfg.block_lengths == [2, 4]
+    assert hexed.ll_cfg_scale == 0.5 and hexed.source.chat is False
+    assert len(hexed.generate_texts([("what is 3", {"until": []})], progress=False)) == 1
+    with pytest.raises(LladaError, match="unknown key 'steps' for method=med"):
+        LLaDAHarness(str(model_dir), method="med", steps="4")
+    with pytest.raises(LladaError, match="add_bos"):
+        LLaDAHarness(str(model_dir), add_bos="maybe")
 
 
 def test_registered_harness_model(model_dir):  # noqa: F811

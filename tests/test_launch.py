@@ -151,7 +151,7 @@ def test_sbatch_headers_ask_for_requeue_and_the_signal():
 
 def test_dockerfile_installs_like_the_makefile():
     text = (REPO / "Dockerfile").read_text()
-    assert "scripts/install_torch.sh" in text and "pip install -e ." in text
+    assert "scripts/install_torch.sh" in text and "pip install --no-cache-dir -c constraints.txt -e ." in text
     assert (REPO / ".dockerignore").exists()
     hadolint = _tool("hadolint")
     if hadolint is None:

@@ -16,7 +16,7 @@ from llada_train.model import (
     load_pretrained,
     save_pretrained,
 )
-from llada_train.model.transformer import apply_rotary, rotary_cos_sin
+from llada_train.model.layers import apply_rotary, rotary_cos_sin
 from tests.conftest import REPO
 
 

@@ -99,7 +99,7 @@ def reference_generate(model, rows, attn, gen_length, steps, block_length, cfg_s
         (12, 6, 4, {}),  # semi-autoregressive, 2 steps per block
         (8, 8, 4, {"cfg_scale": 1.5}),
         (12, 6, 6, {"forbid_eos": True}),
-        (12, 12, 4, {"zero_conf_ids": (EOS, EOT)}),
+        # eos_zero_confidence follows the released rule: tests/test_sample_eos_confidence.py
     ],
 )
 def test_matches_reference_at_temperature_zero(model, gen_length, steps, block_length, kwargs):

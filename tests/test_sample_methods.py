@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from llada_train.errors import LladaError
-from llada_train.model import LLaDAModel, ModelConfig
+from llada_train.model import LLaDAModel, ModelConfig, PrefixCache
 from llada_train.sample import (
     fast_generate,
-    forward_with_cache,
     generate,
     hex_generate,
     infill_generate,
@@ -63,13 +62,14 @@ def test_cached_forward_equals_model(model):
     x = torch.randint(0, MASK, (2, 11), generator=torch.Generator().manual_seed(0))
     attn = torch.ones(2, 11, dtype=torch.long)
     attn[1, :3] = 0
+    cache = PrefixCache(keep=6)
     with torch.no_grad():
         ref = model(x, attention_mask=attn)
-        full, cache = forward_with_cache(model, x, 0, attn, keep=6)
-        suffix, _ = forward_with_cache(model, x[:, 6:], 6, attn, cache)
+        full = model(x, attention_mask=attn, cache=cache)  # records positions [0, 6)
+        suffix = model(x[:, 6:], attention_mask=attn, cache=cache)
     assert torch.allclose(full, ref, atol=1e-4, rtol=1e-4)
     assert torch.allclose(suffix, ref[:, 6:], atol=1e-4, rtol=1e-4)  # exact when the cache is fresh
-    assert cache[0][0].shape == (2, 1, 6, 16)
+    assert cache.keys[0].shape == (2, 1, 6, 16)
 
 
 def test_threshold_decoding_limits(model, prompts):

@@ -72,3 +72,17 @@ def test_batch_arithmetic():
     assert (zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"], zero["sub_group_size"]) == (7, 5, 3)
     with pytest.raises(LladaError, match="offload_param"):
         render_deepspeed_config(DeepSpeedConfig(zero_stage=2, offload_param=True), 8, 4, 2, 1.0, False)
+
+
+def test_grad_accum_dtype_is_rendered_only_when_set():
+    plain = render_deepspeed_config(DeepSpeedConfig(zero_stage=2), 32, 4, 2, 1.0, bf16=True)
+    assert "data_types" not in plain  # null: DeepSpeed's default (the model's dtype)
+    fp32 = render_deepspeed_config(
+        DeepSpeedConfig(zero_stage=2, grad_accum_dtype="fp32"), 32, 4, 2, 1.0, bf16=True
+    )
+    assert fp32["data_types"] == {"grad_accum_dtype": "fp32"} and fp32["bf16"] == {"enabled": True}
+    assert {k: v for k, v in fp32.items() if k != "data_types"} == plain
+    with pytest.raises(LladaError, match="grad_accum_dtype=fp32 with bf16 needs deepspeed.zero_stage >= 1"):
+        render_deepspeed_config(DeepSpeedConfig(grad_accum_dtype="fp32"), 8, 4, 2, 1.0, bf16=True)
+    with pytest.raises(LladaError, match="use null or fp32"):
+        render_deepspeed_config(DeepSpeedConfig(zero_stage=1, grad_accum_dtype="fp16"), 8, 4, 2, 1.0, True)

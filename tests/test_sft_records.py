@@ -10,8 +10,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from data_pipelines.sft_records import build_arg_parser, build_records
+from data_pipelines.sft_records import (
+    RecordSpec,
+    build_arg_parser,
+    build_records,
+    specs_from_args,
+)
+from data_pipelines.sources import SourceSpec
 from data_pipelines.train_tokenizer import save_tokenizer, train_bpe
+from llada_train.chat import ChatTemplate
 from llada_train.data import SFTDataConfig, build_sft_reader, collate_sft
 from llada_train.errors import LladaError
 from tests.conftest_data import run_py, shared_file
@@ -34,7 +41,7 @@ def records(folder) -> tuple[dict, list[np.ndarray], np.ndarray]:
 
 
 def build(*args: str) -> dict:
-    return build_records(build_arg_parser().parse_args(list(args)))
+    return build_records(*specs_from_args(build_arg_parser().parse_args(list(args))))
 
 
 DIALOGUE = [
@@ -66,6 +73,43 @@ def test_three_turn_dialogue_gives_three_records_with_history(demo_data, tmp_pat
         assert all(msg["content"] in text for msg in DIALOGUE[: 2 * k + 1])  # all earlier turns
         assert DIALOGUE[2 * k + 1]["content"] not in text
     assert recs[0][0] == 0 and (recs[2] == 0).sum() == 1  # BOS once
+
+
+def test_inference_prompt_is_the_sft_record_prompt(demo_data, tmp_path):
+    # one chat template: what llada-generate/llada-eval feed the model for a user prompt
+    # (chat=true) is exactly the prompt part the SFT record was trained on
+    from llada_train.eval.text import TextCodec
+
+    tok_path = str(demo_data / "tokenizer.json")
+    tok = Tokenizer.from_file(tok_path)
+    rows = [{"prompt": "what is 3 plus 4 ?", "response": "7 ."},
+            {"prompt": "and what is 12 minus 5 ?", "response": "7 ."}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for system in (None, "answer with one number ."):
+        out = tmp_path / f"r{system is None}"
+        m = build_records(SourceSpec(inputs=[str(tmp_path / "p.jsonl")]), tok_path, out,
+                          RecordSpec(system=system))
+        assert m["num_records"] == 2 and m["template"] == vars(ChatTemplate())
+        _, recs, plen = records(out)
+        codec = TextCodec(tok_path, bos_token_id=0, chat=ChatTemplate(), system=system)
+        for row, rec, p in zip(rows, recs, plen, strict=True):
+            assert codec.encode_prompt(row["prompt"]) == rec[:p].tolist()
+            # and both are the SPEC §1 string encoded in one piece (the independent reference)
+            history = [{"role": "system", "content": system}] if system else []
+            history.append({"role": "user", "content": row["prompt"]})
+            reference = tok.encode(render_prompt(history), add_special_tokens=False).ids
+            assert rec[:p].tolist() == reference
+
+
+def test_typed_spec_is_checked(demo_data, tmp_path):
+    src = SourceSpec(inputs=[str(tmp_path / "none.jsonl")])
+    with pytest.raises(LladaError, match="turns='some'"):
+        build_records(src, str(demo_data), tmp_path / "o", RecordSpec(turns="some"))
+    with pytest.raises(LladaError, match="no input"):
+        build_records(SourceSpec(), str(demo_data), tmp_path / "o")
+    with pytest.raises(LladaError, match="is not in the tokenizer"):
+        build_records(src, str(demo_data), tmp_path / "o",
+                      RecordSpec(template=ChatTemplate(eot="<|im_end|>")))
 
 
 def test_random_turn_mode_is_seeded_per_dialogue(demo_data, tmp_path):
@@ -175,10 +219,11 @@ def test_sft_reader_epoch_ranks_and_resume(demo_data):
     _, recs, plen = records(demo_data / "sft")
     n = len(recs)
     everything = Counter((tuple(r.tolist()), int(p)) for r, p in zip(recs, plen, strict=True))
-    readers = [
+    built = [
         build_sft_reader(cfg, 8, seed=3, rank=r, world_size=2, eos_token_id=1) for r in range(2)
     ]
-    assert readers[0].num_records == n
+    readers = [reader for reader, _ in built]
+    assert built[0][1].num_records == n
     seen = []
     steps = -(-n // 16)
     for _ in range(steps):
@@ -193,7 +238,7 @@ def test_sft_reader_epoch_ranks_and_resume(demo_data):
     assert Counter(seen[:n]) == everything and readers[0].epoch == 1  # each record once per epoch
     state = readers[1].state_dict()
     expect = [next(readers[1]) for _ in range(3)]
-    fresh = build_sft_reader(cfg, 8, seed=3, rank=1, world_size=2, eos_token_id=1)
+    fresh, _ = build_sft_reader(cfg, 8, seed=3, rank=1, world_size=2, eos_token_id=1)
     fresh.load_state_dict(state)
     for e in expect:
         got = next(fresh)

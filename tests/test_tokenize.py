@@ -7,13 +7,15 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_pipelines.sources import SourceSpec
 from data_pipelines.tokenize import tokenize_to_shards
-from data_pipelines.train_tokenizer import save_tokenizer, train_bpe
+from data_pipelines.train_tokenizer import SPECIAL_TOKENS, save_tokenizer, train_bpe
 from llada_train.errors import LladaError
 from tests.conftest_data import run_py, shared_file
+from tests.launch_utils import cli
 
 
 def read_stream(folder) -> tuple[dict, np.ndarray]:
@@ -297,3 +299,73 @@ def test_tinyshakespeare_paragraphs_round_trip(tmp_path):
     assert len(ends) == len(paragraphs) and ends[-1] == len(stream) - 1
     decoded = [tok.decode(d.tolist()) for d in np.split(stream, ends + 1)[:-1]]
     assert decoded == [p.rstrip("\n") for p in paragraphs]
+
+
+def test_empty_input_is_refused_and_nothing_is_written(demo_data, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text('{"text": "   "}\n')
+    for name in ("empty.txt", "blank.jsonl"):
+        out = tmp_path / f"out_{name}"
+        res = cli(
+            "llada-tokenize",
+            ["--input", str(tmp_path / name), "--tokenizer", str(demo_data / "tokenizer.json"),
+             "--out", str(out), "--no-progress"],
+            check=False,
+        )
+        assert res.returncode == 2 and not out.exists()
+        assert res.stderr.strip().splitlines() == [
+            f"error: no documents in {tmp_path / name} (empty or blank text only): nothing "
+            "written; check --input/--dataset and --text-field"
+        ]
+
+
+def test_train_tokenizer_console_script_then_tokenize(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"To be, or not to be, that is question {i}." for i in range(200)))
+    res = cli("llada-train-tokenizer", ["--out", str(tmp_path / "tok"), "--vocab-size", "300", str(corpus)])
+    assert f"wrote {tmp_path / 'tok' / 'tokenizer.json'}" in res.stdout and "next: llada-tokenize" in res.stdout
+    tok = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == list(range(6))
+    assert tok.decode(tok.encode("to be, or not").ids) == "to be, or not"
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert config["mask_token"] == "<|mdm_mask|>" and "chat_template" in config
+    m = tokenize_to_shards(
+        SourceSpec(inputs=[str(corpus)], txt_doc="paragraph"), str(tmp_path / "tok"),
+        tmp_path / "shards", num_workers=1, progress=False,
+    )
+    assert m["num_documents"] == 200
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad = cli("llada-train-tokenizer", ["--out", str(tmp_path / "t2"), str(empty)], check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: tokenizer training files are empty: {empty}: pass files with text"
+    ]
+    assert not (tmp_path / "t2").exists()
+
+
+def test_export_of_a_bare_tokenizer_json_loads_with_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from llada_train.model.checkpoint import save_pretrained
+    from llada_train.model.config import ModelConfig
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello there, general kenobi\n" * 50)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    train_bpe([corpus], vocab_size=300).save(str(bare / "tokenizer.json"))  # no HF config beside it
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden_size=32, vocab_size=300)
+    state = {"w": torch.zeros(2)}
+    out = save_pretrained(state, cfg, tmp_path / "export", tokenizer_dir=bare / "tokenizer.json")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == cfg.max_sequence_length
+    hf = AutoTokenizer.from_pretrained(str(out))
+    assert (hf.bos_token, hf.eos_token, hf.pad_token, hf.mask_token) == (
+        "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<|mdm_mask|>"
+    )
+    assert hf.mask_token_id == cfg.mask_token_id and hf.eos_token_id == cfg.eos_token_id
+    text = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -115,25 +116,41 @@ def test_kill_9_of_one_rank_then_relaunch_is_bitwise_equal(demo_data, tmp_path):
     assert all(res_losses[s] == ref_losses[s] for s in range(stopped_at + 1, total + 1))
 
 
-def test_nan_loss_is_skipped_and_counted(demo_data, tmp_path):
+def _nan_run(demo_data, run_dir, flags: list[str], *extra: str, check: bool = True):
+    """The real pre-training entry with a test-side objective that poisons chosen micro-batches."""
+    cmd = torchrun_cmd("tests.nan_objective_run", [*flags, *overrides(demo_data, run_dir, *extra)])
+    return run(cmd, check=check)
+
+
+def test_nan_loss_skips_the_step_and_counts_it(demo_data, tmp_path):
+    # 2 micro-batches per step: batch 3 poisons step 2's window, which is redone on batches 5-6
     run_dir = tmp_path / "nan"
-    run(torchrun_cmd("llada_train.cli.pretrain",
-                     overrides(demo_data, run_dir, "trainer.max_steps=4", "trainer.inject_nan_at_batches=[3]")))
+    _nan_run(demo_data, run_dir, ["--nan-loss-at", "3"], "trainer.max_steps=4")
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[-1]["skipped_batches"] == 1
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
     assert all(r["loss"] == r["loss"] for r in rows)  # every logged loss is finite
+    state = json.loads((run_dir / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 1 and state["batches_drawn"] == 10  # 4 steps + 1 redone
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nan_gradient_with_finite_loss_is_skipped(demo_data, tmp_path, stage):
+    # stage 0: the trainer checks the gradient norm itself; ZeRO-2 partitions the gradients,
+    # and DeepSpeed's own overflow check (agreed over ranks) must skip
+    run_dir = tmp_path / "nan_grad"
+    _nan_run(demo_data, run_dir, ["--nan-grad-at", "4"], "trainer.max_steps=3", f"deepspeed=zero{stage}")
+    rows = metrics(run_dir)
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] < 1e3 for r in rows)
 
 
 def test_nan_losses_in_a_row_stop_the_run_without_a_bad_checkpoint(demo_data, tmp_path):
     run_dir = tmp_path / "nan_stop"
-    proc = run(
-        torchrun_cmd("llada_train.cli.pretrain",
-                     overrides(demo_data, run_dir, "trainer.max_steps=6", "trainer.save_every=1",
-                               "trainer.max_bad_steps=3", "trainer.inject_nan_at_batches=[7,8,9,10]")),
-        check=False,
-    )
+    # step 4's three attempts (batches 7-8, 9-10, 11-12) are all poisoned
+    proc = _nan_run(demo_data, run_dir, ["--nan-loss-at", "7,8,9,10,11,12"], "trainer.max_steps=6",
+                    "trainer.save_every=1", "trainer.max_bad_steps=3", check=False)
     assert proc.returncode != 0
-    assert "3 non-finite losses in a row" in proc.stderr
+    assert "3 non-finite steps in a row" in proc.stderr
     # batches 1-6 made steps 1-3 (2 per step); the last checkpoint is the intact step 3
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"

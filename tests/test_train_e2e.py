@@ -46,7 +46,8 @@ def test_run_dir_holds_config_metrics_checkpoint_and_export(trained):
     info = json.loads((run_dir / "run_info.jsonl").read_text().splitlines()[0])
     assert {"git_commit", "git_dirty", "world_size"} <= set(info)
     row = metrics(run_dir)[-1]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "mem_gib"} <= set(row)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mem_gib", "skipped_steps"} <= set(row)
+    assert "mfu" not in row and "mfu" not in proc.stdout  # meaningless on CPU: neither logged nor printed
     assert row["grad_norm"] > 0 and 0.95 * 30 * 16 * 64 <= row["tokens"] <= 30 * 16 * 64
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000030"
     model = load_pretrained(run_dir / "export")
@@ -102,6 +103,7 @@ def test_tokenizer_that_does_not_fit_the_model_is_one_clear_line(tmp_path, demo_
     )
     line = _one_error_line(proc)
     assert "vocab" in line and "512" in line
+    assert not (tmp_path / "r" / "run_info.jsonl").exists()  # checked before any set-up
 
 
 def test_batch_sizes_that_do_not_divide_are_one_clear_line(tmp_path, demo_data):
@@ -112,6 +114,8 @@ def test_batch_sizes_that_do_not_divide_are_one_clear_line(tmp_path, demo_data):
         check=False,
     )
     assert "global_batch_size=10" in _one_error_line(proc)
+    # found before the process group and the run files: no run_info.jsonl was written
+    assert not (tmp_path / "r" / "run_info.jsonl").exists()
 
 
 def test_config_typo_fails_with_hydras_message(tmp_path):
@@ -132,6 +136,8 @@ def test_wandb_offline_writes_into_the_run_dir_and_logs_no_secrets(tmp_path, dem
 def test_scrub_secrets_drops_credentials_but_keeps_token_ids():
     from llada_train.train.metrics import scrub_secrets
 
-    cfg = {"logging": {"wandb_api_key": "abc", "wandb_project": "p"}, "model": {"mask_token_id": 2},
-           "hf_token": "xyz"}
-    assert scrub_secrets(cfg) == {"logging": {"wandb_project": "p"}, "model": {"mask_token_id": 2}}
+    cfg = {"logging": {"wandb_api_key": "abc", "wandb_project": "p", "API_KEY": "k"},
+           "model": {"mask_token_id": 2}, "hf_token": "xyz", "token": "t", "password": "pw",
+           "data": {"tokenizer": "tok.json", "max_tokens": 5}}
+    assert scrub_secrets(cfg) == {"logging": {"wandb_project": "p"}, "model": {"mask_token_id": 2},
+                                  "data": {"tokenizer": "tok.json", "max_tokens": 5}}

@@ -4,25 +4,39 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from llada_train.atomic import write_text_atomic
 from llada_train.config import to_container
-from llada_train.diffusion import build_objective
+from llada_train.data import check_vocab
+from llada_train.data.stream import Reader, ReaderInfo
+from llada_train.diffusion import ObjectiveConfig, build_objective
 from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
 from llada_train.tokenizer import check_tokenizer_fits, load_tokenizer
 from llada_train.train.build import build_model, resolve_model_config
-from llada_train.train.distributed import init_distributed, render_deepspeed_config
-from llada_train.train.loop import Trainer, TrainResult, install_preemption_handlers, use_bf16
+from llada_train.train.distributed import (
+    DeepSpeedConfig,
+    DistInfo,
+    init_distributed,
+    render_deepspeed_config,
+)
+from llada_train.train.loop import LoopConfigs, Trainer, TrainerConfig, TrainResult, use_bf16
+from llada_train.train.optim import OptimConfig
+from llada_train.train.parts import Objective, RunContext, TrainerParts
+from llada_train.train.preemption import PreemptionFlag
+from llada_train.train.validation import ValidationConfig, Validator
 
 
 def code_version() -> dict[str, Any]:
@@ -51,77 +65,188 @@ def write_run_info(run_dir: Path, cfg: DictConfig, world_size: int) -> None:
         f.write(json.dumps(info) + "\n")
 
 
-# (data_cfg, model_cfg, seq_len, micro_batch_size, seed, rank, world_size) -> reader
-def steps_for_epochs(epochs: float, reader: Any, global_batch: int) -> int:
+def steps_for_epochs(epochs: float, info: ReaderInfo, global_batch: int) -> int:
     """Optimizer steps for ``epochs`` passes over a record dataset."""
-    if not hasattr(reader, "num_records"):
-        raise LladaError("trainer.epochs needs a record dataset (SFT data); set trainer.max_steps instead")
-    return max(1, math.ceil(epochs * reader.num_records / global_batch))
+    if info.num_records is None:
+        raise LladaError(
+            "trainer.epochs needs a record dataset (SFT data); set trainer.max_steps instead"
+        )
+    return max(1, math.ceil(epochs * info.num_records / global_batch))
 
 
-ReaderBuilder = Callable[[Any, ModelConfig, int, int, int, int, int], Any]
+@dataclass
+class ReaderRequest:
+    """What the loop needs of this rank's reader, beside the data config."""
+
+    seq_len: int
+    micro_batch_size: int
+    seed: int
+    rank: int
+    world_size: int
 
 
-def run_training(cfg: DictConfig, build_reader: ReaderBuilder) -> TrainResult:
-    """Build model, data, objective and trainer from the root config, then train."""
-    install_preemption_handlers()
+def build_validator(
+    trainer_cfg: TrainerConfig,
+    obj_cfg: ObjectiveConfig,
+    data_info: ReaderInfo,
+    model_cfg: ModelConfig,
+    seed: int,
+    document_mask: bool,
+    info: DistInfo,
+) -> Validator | None:
+    """The held-out ELBO of ``trainer.eval_every`` (None when off)."""
+    if trainer_cfg.eval_every == 0:
+        return None
+    if data_info.validation is None:
+        raise LladaError(
+            f"trainer.eval_every={trainer_cfg.eval_every} but there is no validation data: "
+            "set data.val_path (held-out data) or data.val_fraction (e.g. 0.01)"
+        )
+    if obj_cfg.name not in ("pretrain", "sft"):
+        raise LladaError(
+            f"trainer.eval_every scores the masked-diffusion ELBO; objective.name={obj_cfg.name!r} "
+            "has none: set trainer.eval_every=0"
+        )
+    vcfg = ValidationConfig(
+        every=trainer_cfg.eval_every,
+        windows=trainer_cfg.eval_windows,
+        samples_per_window=trainer_cfg.eval_samples_per_window,
+        rows_per_forward=trainer_cfg.micro_batch_size,
+        eps=obj_cfg.eps,
+        seed=seed,
+        loss_chunk_rows=obj_cfg.loss_chunk_rows,
+    )
+    items = data_info.validation.take(vcfg.windows)
+    eos = model_cfg.eos_token_id if document_mask else None
+    return Validator(items, vcfg, model_cfg.mask_token_id, info.rank, info.world_size,
+                     info.device, eos)
+
+
+# (data_cfg, model_cfg, request) -> (reader, info)
+ReaderBuilder = Callable[[Any, ModelConfig, ReaderRequest], tuple[Reader, ReaderInfo]]
+# (objective config, model config) -> the objective the loop calls
+ObjectiveBuilder = Callable[[ObjectiveConfig, ModelConfig], Objective]
+
+
+def default_objective(cfg: ObjectiveConfig, model_cfg: ModelConfig) -> Objective:
+    """The objective named by ``objective.name`` (pretrain or sft)."""
+    return build_objective(cfg, model_cfg.mask_token_id)
+
+
+@dataclass
+class Preflight:
+    """What the entry point settles before any process group or engine exists."""
+
+    model_cfg: ModelConfig
+    trainer_cfg: TrainerConfig
+    optim_cfg: OptimConfig
+    ds_cfg: DeepSpeedConfig
+    ds_json: dict[str, Any]  # rendered once: the model (ZeRO-3 builds partitioned) and the engine
+
+
+def preflight(cfg: DictConfig, world_size: int) -> Preflight:
+    """Checks that need no process group: the architecture (``init_from``'s config.json),
+    the tokenizer against it, lengths, the objective against the model, batch arithmetic.
+
+    Run before ``init_distributed`` so a mistake costs seconds, not a DeepSpeed start-up.
+    """
+    model_cfg = resolve_model_config(OmegaConf.to_object(cfg.model), cfg.init_from)
+    if cfg.data.tokenizer:
+        check_tokenizer_fits(load_tokenizer(cfg.data.tokenizer), model_cfg, cfg.data.tokenizer)
+    trainer_cfg: TrainerConfig = OmegaConf.to_object(cfg.trainer)
+    if trainer_cfg.seq_len > model_cfg.max_sequence_length:
+        raise LladaError(
+            f"trainer.seq_len={trainer_cfg.seq_len} exceeds model.max_sequence_length="
+            f"{model_cfg.max_sequence_length}: shorten trainer.seq_len"
+        )
+    if cfg.objective.name == "ar" and not model_cfg.causal:
+        raise LladaError(
+            "objective=ar needs a causal model: set model.causal=true "
+            "(a bidirectional model sees the token it predicts)"
+        )
+    optim_cfg: OptimConfig = OmegaConf.to_object(cfg.optim)
+    ds_cfg: DeepSpeedConfig = OmegaConf.to_object(cfg.deepspeed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as init_distributed
+    ds_json = render_deepspeed_config(
+        ds_cfg,
+        trainer_cfg.global_batch_size,
+        trainer_cfg.micro_batch_size,
+        world_size,
+        optim_cfg.grad_clip,
+        use_bf16(trainer_cfg.precision, device),
+    )
+    return Preflight(model_cfg, trainer_cfg, optim_cfg, ds_cfg, ds_json)
+
+
+def _fail(exc: LladaError, rank: int, world_size: int, every_rank: bool) -> NoReturn:
+    """One ``error:`` line on stderr, exit code 2; a mistake every rank makes prints once."""
+    if every_rank or rank == 0:
+        prefix = f"[rank {rank}] " if world_size > 1 and every_rank else ""
+        print(f"error: {prefix}{exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run_training(
+    cfg: DictConfig,
+    build_reader: ReaderBuilder,
+    make_objective: ObjectiveBuilder = default_objective,
+) -> TrainResult:
+    """Build model, data, objective and trainer from the root config, then train.
+
+    ``make_objective`` is a seam for tests (e.g. one that injects non-finite losses).
+    """
+    # first, so a pre-emption signal during start-up is remembered rather than fatal
+    preemption = PreemptionFlag.install()
+    # torchrun / the deepspeed launcher / srun set these before the process group exists
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        pre = preflight(cfg, world)
+    except LladaError as exc:
+        _fail(exc, rank, world, every_rank=False)
+    model_cfg, trainer_cfg, optim_cfg, ds_cfg, ds_json = (
+        pre.model_cfg, pre.trainer_cfg, pre.optim_cfg, pre.ds_cfg, pre.ds_json
+    )
+    tokenizer_path = cfg.data.tokenizer
     info = init_distributed()
     try:
         run_dir = Path(cfg.run_dir)
         if info.rank == 0:
             write_run_info(run_dir, cfg, info.world_size)
-        model_cfg = resolve_model_config(OmegaConf.to_object(cfg.model), cfg.init_from)
-        tokenizer_path = cfg.data.tokenizer
-        if tokenizer_path:
-            check_tokenizer_fits(load_tokenizer(tokenizer_path), model_cfg, tokenizer_path)
-        if cfg.trainer.seq_len > model_cfg.max_sequence_length:
-            raise LladaError(
-                f"trainer.seq_len={cfg.trainer.seq_len} exceeds model.max_sequence_length="
-                f"{model_cfg.max_sequence_length}: shorten trainer.seq_len"
-            )
-        reader = build_reader(
-            cfg.data,
-            model_cfg,
-            cfg.trainer.seq_len,
-            cfg.trainer.micro_batch_size,
-            cfg.seed,
-            info.rank,
-            info.world_size,
+        request = ReaderRequest(
+            trainer_cfg.seq_len, trainer_cfg.micro_batch_size, cfg.seed, info.rank, info.world_size
         )
-        trainer_cfg = OmegaConf.to_object(cfg.trainer)
+        reader, data_info = build_reader(cfg.data, model_cfg, request)
+        check_vocab(data_info.vocab_size, model_cfg.vocab_size, cfg.data.path)
         if trainer_cfg.epochs > 0:
-            trainer_cfg.max_steps = steps_for_epochs(trainer_cfg.epochs, reader, trainer_cfg.global_batch_size)
-        ds = OmegaConf.to_object(cfg.deepspeed)
-        ds_json = render_deepspeed_config(
-            ds,
-            cfg.trainer.global_batch_size,
-            cfg.trainer.micro_batch_size,
-            info.world_size,
-            cfg.optim.grad_clip,
-            use_bf16(cfg.trainer.precision, info.device),
+            trainer_cfg.max_steps = steps_for_epochs(
+                trainer_cfg.epochs, data_info, trainer_cfg.global_batch_size
+            )
+        obj_cfg: ObjectiveConfig = OmegaConf.to_object(cfg.objective)
+        validator = build_validator(
+            trainer_cfg, obj_cfg, data_info, model_cfg, cfg.seed,
+            bool(cfg.data.get("document_mask", False)), info,
         )
-        model = build_model(model_cfg, ds.zero_stage, ds_json, cfg.seed, cfg.init_from)
-        trainer = Trainer(
+        peft_cfg = OmegaConf.to_object(cfg.peft)  # none, or LoRA adapters on the loaded base
+        model = build_model(model_cfg, ds_cfg.zero_stage, ds_json, cfg.seed, cfg.init_from, peft_cfg)
+        parts = TrainerParts(
             model=model,
             model_cfg=model_cfg,
-            objective=build_objective(OmegaConf.to_object(cfg.objective), model_cfg.mask_token_id),
+            objective=make_objective(obj_cfg, model_cfg),
             reader=reader,
-            dist_info=info,
-            run_dir=run_dir,
-            seed=cfg.seed,
-            trainer=trainer_cfg,
-            optim=OmegaConf.to_object(cfg.optim),
-            schedule=OmegaConf.to_object(cfg.schedule),
-            deepspeed_cfg=ds,
-            logging=OmegaConf.to_object(cfg.logging),
-            tokenizer=tokenizer_path,
-            config_dict=to_container(cfg),
+            dist=info,
+            preemption=preemption,
+            validator=validator,
         )
-        return trainer.fit()
+        cfgs = LoopConfigs(
+            trainer=trainer_cfg,
+            optim=optim_cfg,
+            schedule=OmegaConf.to_object(cfg.schedule),
+            logging=OmegaConf.to_object(cfg.logging),
+        )
+        run = RunContext(run_dir, cfg.seed, tokenizer_path, to_container(cfg))
+        return Trainer(parts, cfgs, ds_json, run).fit()
     except LladaError as exc:
-        prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""
-        print(f"error: {prefix}{exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(exc, info.rank, info.world_size, every_rank=True)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

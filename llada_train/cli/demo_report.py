@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from llada_train.chat import ChatEncoder
 from llada_train.cli.plot import read_metrics
-from llada_train.data.chat import ChatEncoder
 from llada_train.errors import exit_on_error
 from llada_train.model import load_pretrained
 from llada_train.sample import generate

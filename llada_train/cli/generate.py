@@ -1,6 +1,6 @@
 """``llada-generate``: complete prompts with any sampler (Hydra config ``conf/generate.yaml``).
 
-    llada-generate model_path=runs/demo/sft/export 'prompts=["2 plus 5 is"]' decode.method=med
+    llada-generate model_path=runs/demo/sft/export 'prompts=["2 plus 5 is"]' decode=med
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from llada_train.cli.entry import hydra_entry
 from llada_train.errors import LladaError, exit_on_error
 from llada_train.eval.config import GenerateConfig, register_eval_configs, to_schema
+from llada_train.eval.decode import decode_batch
 from llada_train.eval.loading import load_for_inference
-from llada_train.eval.methods import decode_batch
 from llada_train.sample import left_pad
 
 register_eval_configs()

@@ -13,16 +13,21 @@ from llada_train.errors import LladaError, exit_on_error
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Rows of ``metrics.jsonl``; a resumed run's repeated steps keep their last value."""
+    """Rows of ``metrics.jsonl``; a resumed run's repeated steps keep their last values."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise LladaError(f"{path} not found: is {run_dir} a llada-train run directory?")
-    by_step = {row["step"]: row for _, row in iter_jsonl_rows(path)}
+    by_step: dict[int, dict] = {}
+    for _, row in iter_jsonl_rows(path):
+        by_step.setdefault(row["step"], {}).update(row)
     return [by_step[s] for s in sorted(by_step)]
 
 
 def plot_curves(rows: list[dict], out: Path) -> Path:
-    """Two panels (loss, lr) against step, saved as PNG."""
+    """Two panels (loss, lr) against step, saved as PNG.
+
+    Validation rows (``val_loss``) are drawn on the loss panel with +-2 standard errors.
+    """
     try:
         import matplotlib
 
@@ -32,8 +37,14 @@ def plot_curves(rows: list[dict], out: Path) -> Path:
         raise LladaError("llada-plot needs matplotlib: pip install 'llada-train[plot]'") from exc
     steps = [r["step"] for r in rows]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    ax_loss.plot(steps, [r["loss"] for r in rows])
-    ax_loss.set_ylabel("loss")
+    ax_loss.plot(steps, [r["loss"] for r in rows], label="train loss")
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        se = [2 * r.get("val_loss_se", 0.0) for r in val]
+        ax_loss.errorbar([r["step"] for r in val], [r["val_loss"] for r in val], yerr=se,
+                         marker="o", capsize=3, color="tab:green", label="validation ELBO (+-2 se)")
+        ax_loss.legend()
+    ax_loss.set_ylabel("loss (nats / token)")
     ax_loss.grid(alpha=0.3)
     ax_lr.plot(steps, [r["lr"] for r in rows], color="tab:orange")
     ax_lr.set_ylabel("learning rate")

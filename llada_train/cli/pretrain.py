@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from llada_train.cli.common import run_training
+from llada_train.cli.common import ReaderRequest, run_training
 from llada_train.cli.entry import hydra_entry
 from llada_train.config import register_configs
-from llada_train.data import build_pretrain_reader, check_vocab
+from llada_train.data import PretrainDataConfig, build_pretrain_reader
+from llada_train.data.stream import Reader, ReaderInfo
 from llada_train.model.config import ModelConfig
 
 register_configs()
 
 
 def pretrain_reader(
-    data_cfg, model_cfg: ModelConfig, seq_len: int, micro_batch_size: int, seed: int, rank: int, world_size: int
-):
-    """Token-shard windows of ``seq_len`` for this rank, checked against the model's vocab."""
-    reader = build_pretrain_reader(
-        data_cfg, seq_len=seq_len, micro_batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size
+    data_cfg: PretrainDataConfig, model_cfg: ModelConfig, req: ReaderRequest
+) -> tuple[Reader, ReaderInfo]:
+    """Token-shard windows of ``seq_len`` for this rank."""
+    return build_pretrain_reader(
+        data_cfg, req.seq_len, req.micro_batch_size, req.seed, req.rank, req.world_size,
+        eos_token_id=model_cfg.eos_token_id,
     )
-    check_vocab(reader.vocab_size, model_cfg.vocab_size, data_cfg.path)
-    return reader
 
 
 main = hydra_entry("pretrain", lambda cfg: run_training(cfg, pretrain_reader))

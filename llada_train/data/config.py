@@ -27,6 +27,13 @@ class PretrainDataConfig:
     verify_checksums: bool = False  # sha256 every shard at start (slow on TBs)
     num_workers: int = 0  # dataloader worker processes (0: read in the training process)
     prefetch_factor: int = 4  # batches each worker reads ahead
+    # validation windows: held-out shards (a folder like ``path``), or a fraction of each
+    # source's windows kept out of training (its last windows); val_path wins when both are set
+    val_path: str | None = None
+    val_fraction: float = 0.0
+    # windows keep document boundaries: batches carry ``document_ids`` (a new id after each
+    # EOS) and attention stays inside each document
+    document_mask: bool = False
 
 
 @dataclass
@@ -44,3 +51,6 @@ class SFTDataConfig:
     pad_to_length: int | None = (
         None  # pad every batch to exactly this length (fixed shapes); longer records are an error
     )
+    # validation records: a held-out records folder, or the last fraction of these records
+    val_path: str | None = None
+    val_fraction: float = 0.0

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from llada_train.data.config import PretrainDataConfig, SourceConfig
+from llada_train.data.heldout import ValidationSource, ValItem, carve_count
 from llada_train.data.manifest import check_tokenizer, load_shard_manifest
-from llada_train.data.stream import StreamReader
+from llada_train.data.stream import ReaderInfo, StreamReader
 from llada_train.errors import LladaError
 
 # Tokens gathered per vectorised read: large enough to amortise Python overhead on short
@@ -92,11 +93,25 @@ class ShardWindows:
         return out
 
 
-class PretrainData:
-    """Sources of a mixture and the batch fetch used by the stream reader."""
+def document_ids(x: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, L) int64 document index of each token: a new id starts after each EOS.
 
-    def __init__(self, sources: list[ShardWindows], seq_len: int) -> None:
-        self.sources, self.L = sources, seq_len
+    The EOS belongs to the document it ends, so that document still learns to stop.
+    """
+    eos = (x == eos_token_id).long()  # (B, L)
+    return eos.cumsum(dim=1) - eos
+
+
+class PretrainData:
+    """Sources of a mixture and the batch fetch used by the stream reader.
+
+    ``eos_token_id`` set: each batch also carries ``document_ids`` (document-masked packing).
+    """
+
+    def __init__(
+        self, sources: list[ShardWindows], seq_len: int, eos_token_id: int | None = None
+    ) -> None:
+        self.sources, self.L, self.eos = sources, seq_len, eos_token_id
 
     def __call__(self, src: np.ndarray, items: np.ndarray) -> Iterator[dict[str, torch.Tensor]]:
         """Batches for ``items`` (g, B) of sources ``src`` (g, B): g dicts of input_ids (B, L).
@@ -110,7 +125,10 @@ class PretrainData:
             s_chunk, i_chunk = src[a : a + per].reshape(-1), items[a : a + per].reshape(-1)
             block = self._gather(s_chunk, i_chunk)  # (n*B, L)
             for x in torch.from_numpy(block).view(-1, B, self.L):  # (B, L) views of the block
-                yield {"input_ids": x}
+                if self.eos is None:
+                    yield {"input_ids": x}
+                else:
+                    yield {"input_ids": x, "document_ids": document_ids(x, self.eos)}
 
     def _gather(self, src: np.ndarray, items: np.ndarray) -> np.ndarray:
         if len(self.sources) == 1:
@@ -130,6 +148,41 @@ def _source_list(cfg: PretrainDataConfig) -> list[SourceConfig]:
     return [SourceConfig(path=cfg.path, weight=1.0)]
 
 
+def _open_windows(path: str, cfg: PretrainDataConfig, seq_len: int) -> tuple[ShardWindows, dict]:
+    m, paths = load_shard_manifest(path, cfg.verify_checksums)
+    check_tokenizer(m, cfg.tokenizer, f"in data source {path}")
+    w = ShardWindows(paths, [int(s["num_tokens"]) for s in m["shards"]], m["dtype"], seq_len)
+    if w.num_windows == 0:
+        raise LladaError(
+            f"data source {path} has {m.get('num_tokens', 0)} tokens, fewer than seq_len={seq_len}: "
+            "use more data or a shorter sequence"
+        )
+    return w, m
+
+
+def _validation(
+    cfg: PretrainDataConfig, windows: list[ShardWindows], held: list[int], seq_len: int
+) -> ValidationSource | None:
+    """Validation windows: all of ``data.val_path``, or the last ``held[s]`` of each source."""
+    if cfg.val_path:
+        w, _ = _open_windows(cfg.val_path, cfg, seq_len)
+        pairs = np.stack([np.zeros(w.num_windows, np.int64), np.arange(w.num_windows)], axis=1)
+        sources, where = [w], cfg.val_path
+    elif sum(held):
+        pairs = np.concatenate([
+            np.stack([np.full(n, s), np.arange(w.num_windows - n, w.num_windows)], axis=1)
+            for s, (w, n) in enumerate(zip(windows, held, strict=True)) if n
+        ]).astype(np.int64)  # (pool, 2): (source, window)
+        sources, where = windows, "the last windows of each training source"
+    else:
+        return None
+
+    def read(idx: np.ndarray) -> list[ValItem]:
+        return [(sources[s].read(np.array([w]))[0].astype(np.int64), 0) for s, w in pairs[idx]]
+
+    return ValidationSource(len(pairs), read, where)
+
+
 def build_pretrain_reader(
     cfg: PretrainDataConfig,
     seq_len: int,
@@ -137,24 +190,24 @@ def build_pretrain_reader(
     seed: int,
     rank: int,
     world_size: int,
-) -> StreamReader:
-    """Reader whose ``next()`` gives ``{"input_ids": LongTensor (B, L)}`` forever.
+    eos_token_id: int | None = None,
+) -> tuple[StreamReader, ReaderInfo]:
+    """Reader whose ``next()`` gives ``{"input_ids": LongTensor (B, L)}`` forever, and its info.
 
-    Extra attributes: ``vocab_size`` (largest of the sources), ``manifest`` (the first
-    source's; ``manifests`` holds all of them).
+    The info's ``vocab_size`` is the largest of the sources'; ``manifests`` has one per source;
+    ``validation`` the held-out windows (``data.val_path`` / ``data.val_fraction``), which the
+    reader never returns. ``data.document_mask`` adds ``document_ids`` (B, L), which needs
+    ``eos_token_id``.
     """
     if seq_len <= 0:
         raise LladaError(f"seq_len={seq_len} must be positive")
-    windows, manifests, fingerprints = [], [], []
+    if cfg.document_mask and eos_token_id is None:
+        raise LladaError("data.document_mask=true needs the model's eos_token_id to find documents")
+    windows, manifests, fingerprints, held = [], [], [], []
     for sc in _source_list(cfg):
-        m, paths = load_shard_manifest(sc.path, cfg.verify_checksums)
-        check_tokenizer(m, cfg.tokenizer, f"in data source {sc.path}")
-        w = ShardWindows(paths, [int(s["num_tokens"]) for s in m["shards"]], m["dtype"], seq_len)
-        if w.num_windows == 0:
-            raise LladaError(
-                f"data source {sc.path} has {m.get('num_tokens', 0)} tokens, fewer than seq_len={seq_len}: "
-                "use more data or a shorter sequence"
-            )
+        w, m = _open_windows(sc.path, cfg, seq_len)
+        frac = 0.0 if cfg.val_path else cfg.val_fraction
+        held.append(carve_count(w.num_windows, frac, f"data source {sc.path}"))
         windows.append(w)
         manifests.append(m)
         # one digest per source keeps the saved state small even with 100k shards
@@ -166,8 +219,9 @@ def build_pretrain_reader(
             "data sources were tokenized with different tokenizers: re-tokenize them with one"
         )
     reader = StreamReader(
-        PretrainData(windows, seq_len),
-        sizes=[w.num_windows for w in windows],
+        PretrainData(windows, seq_len, eos_token_id if cfg.document_mask else None),
+        # the held-out tail windows lie past the sizes the reader walks: training never sees them
+        sizes=[w.num_windows - n for w, n in zip(windows, held, strict=True)],
         weights=[sc.weight for sc in _source_list(cfg)],
         batch=micro_batch_size,
         seed=seed,
@@ -177,6 +231,9 @@ def build_pretrain_reader(
         prefetch_factor=cfg.prefetch_factor,
         identity={"kind": "pretrain", "seq_len": seq_len, "shards": fingerprints},
     )
-    reader.vocab_size = max(int(m["vocab_size"]) for m in manifests)
-    reader.manifest, reader.manifests = manifests[0], manifests
-    return reader
+    info = ReaderInfo(
+        vocab_size=max(int(m["vocab_size"]) for m in manifests),
+        manifests=manifests,
+        validation=_validation(cfg, windows, held, seq_len),
+    )
+    return reader, info

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from llada_train.data.config import SFTDataConfig
+from llada_train.data.heldout import ValidationSource, ValItem, carve_count
 from llada_train.data.manifest import check_file, check_tokenizer, manifest_path, read_json
-from llada_train.data.stream import StreamReader
+from llada_train.data.stream import ReaderInfo, StreamReader
 from llada_train.errors import LladaError
 
 
@@ -104,6 +105,18 @@ def load_sft_manifest(path: str | Path, verify_checksums: bool = False) -> dict[
     return m
 
 
+def _record_source(records: SFTRecords, first: int, where: str) -> ValidationSource:
+    """Records ``first ..`` of ``records`` as validation items (tokens, prompt length)."""
+
+    def read(idx: np.ndarray) -> list[ValItem]:
+        m = records._open()
+        off, plen, toks = m["offsets"], m["prompt_len"], m["tokens"]
+        rows = (first + idx).tolist()
+        return [(toks[off[i] : off[i + 1]].astype(np.int64), int(plen[i])) for i in rows]
+
+    return ValidationSource(records.num_records - first, read, where)
+
+
 def build_sft_reader(
     cfg: SFTDataConfig,
     micro_batch_size: int,
@@ -111,11 +124,9 @@ def build_sft_reader(
     rank: int,
     world_size: int,
     eos_token_id: int,
-) -> StreamReader:
-    """Reader whose ``next()`` gives ``{"input_ids": (B, L), "prompt_len": (B,)}`` forever.
-
-    Extra attributes: ``num_records``, ``vocab_size``, ``manifest``; ``epoch`` is a property.
-    """
+) -> tuple[StreamReader, ReaderInfo]:
+    """Reader whose ``next()`` gives ``{"input_ids": (B, L), "prompt_len": (B,)}`` forever, and
+    its info (``num_records``, ``vocab_size``, the manifest). ``reader.epoch`` counts passes."""
     m = load_sft_manifest(cfg.path, cfg.verify_checksums)
     check_tokenizer(m, cfg.tokenizer, f"in SFT records {cfg.path}")
     if m.get("eos_id") is not None and int(m["eos_id"]) != eos_token_id:
@@ -130,9 +141,19 @@ def build_sft_reader(
         max(1, cfg.pad_to_multiple_of),
         cfg.pad_to_length,
     )
+    held = 0 if cfg.val_path else carve_count(records.num_records, cfg.val_fraction, cfg.path)
+    if cfg.val_path:
+        vm = load_sft_manifest(cfg.val_path, cfg.verify_checksums)
+        check_tokenizer(vm, cfg.tokenizer, f"in SFT records {cfg.val_path}")
+        val_records = SFTRecords(manifest_path(cfg.val_path).parent, vm, eos_token_id, 1, None)
+        validation = _record_source(val_records, 0, cfg.val_path)
+    else:
+        first = records.num_records - held
+        validation = _record_source(records, first, cfg.path) if held else None
     reader = StreamReader(
         records,
-        sizes=[records.num_records],
+        # the held-out last records lie past the size the reader walks: training never sees them
+        sizes=[records.num_records - held],
         weights=[1.0],
         batch=micro_batch_size,
         seed=seed,
@@ -142,9 +163,10 @@ def build_sft_reader(
         prefetch_factor=cfg.prefetch_factor,
         identity={"kind": "sft", "records_sha256": m["files"]["tokens"].get("sha256")},
     )
-    reader.num_records, reader.vocab_size, reader.manifest = (
-        records.num_records,
-        int(m["vocab_size"]),
-        m,
+    info = ReaderInfo(
+        vocab_size=int(m["vocab_size"]),
+        num_records=records.num_records - held,
+        manifests=[m],
+        validation=validation,
     )
-    return reader
+    return reader, info

@@ -15,14 +15,36 @@ reached, identical on every rank, so a run may resume with another batch or worl
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from llada_train.data.permute import derive_key, permute, uniform01
+from llada_train.data.heldout import ValidationSource
 from llada_train.errors import LladaError
+from llada_train.keyed_random import derive_key, permute, uniform01
+
+
+class Reader(Protocol):
+    """What the training loop reads: batches forever, and a position it can save and restore."""
+
+    def __next__(self) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class ReaderInfo:
+    """What a reader builder learned about its data, returned beside the reader."""
+
+    vocab_size: int  # ids the data may contain (largest over a mixture's sources)
+    # records of a record dataset (SFT), what ``trainer.epochs`` counts; None for token streams
+    num_records: int | None = None
+    manifests: list[dict[str, Any]] = field(default_factory=list)  # one per source
+    validation: ValidationSource | None = None  # held-out items, never in the reader's batches
 
 
 def plan_steps(batch: int, world: int) -> int:
@@ -144,8 +166,13 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         for plan in walk(self.sched, self.state, self.batch, self.world, self.rank):
             mine = [g for g in range(len(plan.after)) if (plan.first_step + g) % nw == wid]
-            if mine:
-                yield from self.fetch(plan.src[mine], plan.items[mine])
+            if not mine:
+                continue
+            for g, batch in zip(mine, self.fetch(plan.src[mine], plan.items[mine]), strict=True):
+                # each row's global stream position: what the masks are derived from, so they
+                # do not depend on how the global batch is split over ranks and micro-batches
+                first = plan.position + g * plan.step + self.rank * self.batch
+                yield {**batch, "sample_index": torch.arange(first, first + self.batch)}
 
 
 class StreamReader:

@@ -1,5 +1,6 @@
 """Masked diffusion: forward process, training objectives, Monte Carlo likelihood."""
 
+from llada_train.diffusion.ar import ARObjective, ar_targets
 from llada_train.diffusion.forward import mask_tokens, maybe_cut_length, sample_mask_prob
 from llada_train.diffusion.likelihood import conditional_log_likelihood
 from llada_train.diffusion.losses import (
@@ -11,10 +12,12 @@ from llada_train.diffusion.losses import (
 )
 
 __all__ = [
+    "ARObjective",
     "LossOutput",
     "ObjectiveConfig",
     "PretrainObjective",
     "SFTObjective",
+    "ar_targets",
     "build_objective",
     "conditional_log_likelihood",
     "mask_tokens",

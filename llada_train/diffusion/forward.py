@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+
+from llada_train.keyed_random import derive_key, uniform01
 
 
 def sample_mask_prob(batch_size: int, eps: float, generator: torch.Generator) -> torch.Tensor:
@@ -42,3 +47,63 @@ def maybe_cut_length(
     coin = torch.rand((), generator=generator, device=generator.device).item()
     new_len = int(torch.randint(1, L + 1, (), generator=generator, device=generator.device).item())
     return input_ids[:, :new_len] if coin < cut_prob else input_ids
+
+
+# ---- counter-based draws: a pure function of (seed, step, global sample index) ----------
+# Tags keep the streams of one sample apart (t, the per-token draws, the CFG prompt drop).
+_T, _TOKENS, _DROP, _CUT = 0x54, 0x4D, 0x44, 0x43
+
+
+@dataclass(frozen=True)
+class NoiseKey:
+    """The mask randomness of one optimizer step: every draw is a hash of (seed, step, what).
+
+    A sample's t and Bernoulli draws depend on its global index only, so 1 rank or 8, micro
+    batch 2 or 4, draw the same masks for the same global batch; the 1% cut depends on
+    (seed, step) only and so applies to the whole global batch.
+    """
+
+    seed: int
+    step: int
+
+    def row_uniforms(self, index: torch.Tensor, tag: int, width: int) -> torch.Tensor:
+        """(B, width) float32 uniforms in [0, 1) for the samples ``index`` (B,)."""
+        rows = index.detach().cpu().numpy().astype(np.int64)
+        out = np.empty((len(rows), width), dtype=np.float64)
+        counters = np.arange(width, dtype=np.int64)
+        for b, i in enumerate(rows.tolist()):
+            out[b] = uniform01(counters, derive_key(self.seed, self.step, i, tag))
+        return torch.from_numpy(out).float()
+
+    def mask_prob(self, index: torch.Tensor, eps: float) -> torch.Tensor:
+        """p = (1 - eps) t + eps per sample, (B,)."""
+        return (1 - eps) * self.row_uniforms(index, _T, 1)[:, 0] + eps
+
+    def token_uniforms(self, index: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, length) per-token draws; a shorter length takes a prefix of the same draws."""
+        return self.row_uniforms(index, _TOKENS, length)
+
+    def drop_uniforms(self, index: torch.Tensor) -> torch.Tensor:
+        """(B,) draws for dropping a row's prompt (CFG training)."""
+        return self.row_uniforms(index, _DROP, 1)[:, 0]
+
+    def cut_length(self, length: int, cut_prob: float) -> int:
+        """The step's length: ``length``, or with probability ``cut_prob`` one of U{1..length}."""
+        coin, pick = uniform01(np.arange(2, dtype=np.int64), derive_key(self.seed, self.step, _CUT))
+        return 1 + min(int(pick * length), length - 1) if coin < cut_prob else length
+
+
+def mask_from_uniforms(
+    input_ids: torch.Tensor,  # (B, L)
+    p_mask: torch.Tensor,  # (B,)
+    u: torch.Tensor,  # (B, L) uniforms
+    mask_token_id: int,
+    maskable: torch.Tensor | None = None,  # (B, L) bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask_tokens`` with the uniforms given: masked where ``u < p`` (and maskable)."""
+    dev = input_ids.device
+    masked = u.to(dev) < p_mask.to(dev)[:, None]
+    if maskable is not None:
+        masked &= maskable
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return noisy, masked

@@ -1,13 +1,26 @@
-"""Pre-training (SPEC §2) and SFT (SPEC §3) objectives: ``objective(model, batch, generator)``."""
+"""Pre-training (SPEC §2) and SFT (SPEC §3) objectives: ``objective(model, batch, generator)``.
+
+Both run the model to its final hidden states, gather the masked positions, and run
+``ln_f``, the head and the cross entropy on those rows only, in chunks
+(``diffusion/chunked_ce.py``). Per masked position the loss is ``weight(row) * CE``:
+pre-training ``1 / (p * B * L)``, SFT ``1 / (p * ans_len * B)``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from llada_train.diffusion.forward import mask_tokens, maybe_cut_length, sample_mask_prob
+from llada_train.diffusion.chunked_ce import chunked_head_ce, masked_rows
+from llada_train.diffusion.forward import (
+    NoiseKey,
+    mask_from_uniforms,
+    mask_tokens,
+    maybe_cut_length,
+    sample_mask_prob,
+)
 from llada_train.errors import LladaError
 
 
@@ -19,6 +32,13 @@ class ObjectiveConfig:
     eps: float = 1e-3  # p = (1 - eps) t + eps
     var_len_prob: float = 0.01  # pretrain: chance the whole batch is cut to U{1..L}
     p_uncond: float = 0.0  # sft: chance a row's prompt is replaced by MASK (CFG training)
+    # masked rows per cross-entropy chunk; each chunk's (rows, vocab) logits are recomputed
+    # in backward instead of kept. 0 = one chunk, no recompute (fastest, most memory).
+    loss_chunk_rows: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_rows < 0:
+            raise LladaError(f"objective.loss_chunk_rows={self.loss_chunk_rows}; use >= 0 (0 = no chunking)")
 
 
 @dataclass
@@ -26,27 +46,35 @@ class LossOutput:
     """The scalar to backpropagate plus counts for logging."""
 
     loss: torch.Tensor
-    num_tokens: int  # tokens the model saw (B * L after any cut)
-    num_masked: int
+    num_tokens: int  # tokens the model saw (B * L after any cut), known on the host
+    num_masked: torch.Tensor  # 0-dim int64 on the batch's device: read it only when logging
 
 
-def masked_ce(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Per-position cross entropy in fp32, zero where not masked; (B, L)."""
-    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, L)
-    return ce * masked
+def masked_head_loss(
+    model: nn.Module,
+    noisy: torch.Tensor,  # (B, L) model input
+    x0: torch.Tensor,  # (B, L) targets
+    masked: torch.Tensor,  # (B, L) bool: positions that carry loss
+    row_weight: torch.Tensor,  # (B,) weight of each masked position of the row
+    chunk_rows: int,
+    max_rows: int | None = None,
+    document_ids: torch.Tensor | None = None,  # (B, L) int64: attention within documents
+) -> torch.Tensor:
+    """sum over masked positions of ``row_weight * CE``, with the head on masked rows only.
 
+    ``model`` may be a DeepSpeed engine: it forwards the call to its module, while the head
+    modules live on ``engine.module``. They are called as modules so ZeRO-3 can gather them;
+    ``max_rows`` (>= the masked count) then fixes the number of head calls per step.
+    """
+    t = getattr(model, "module", model).transformer
+    kwargs = {} if document_ids is None else {"document_ids": document_ids}
+    hidden = model(noisy, return_hidden=True, **kwargs)  # (B, L, d), before ln_f
+    rows, tgt, w = masked_rows(hidden, x0, masked, row_weight)  # (R, d), (R,), (R,)
 
-def pretrain_loss_from(ce_masked: torch.Tensor, p_mask: torch.Tensor) -> torch.Tensor:
-    """SPEC §2: sum over masked positions of CE / p, divided by B * L."""
-    B, L = ce_masked.shape
-    return (ce_masked / p_mask[:, None]).sum() / (B * L)
+    def head(h: torch.Tensor) -> torch.Tensor:
+        return t.ff_out(t.ln_f(h))  # (n, V)
 
-
-def sft_loss_from(ce_masked: torch.Tensor, p_mask: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
-    """SPEC §3: sum over masked response positions of CE / p / ans_len(row), divided by B."""
-    B, L = ce_masked.shape
-    ans_len = (L - prompt_len).clamp(min=1).to(torch.float32)  # (B,) EOS padding included
-    return (ce_masked / p_mask[:, None] / ans_len[:, None]).sum() / B
+    return chunked_head_ce(rows, head, tgt, w, chunk_rows, head_module=t.ff_out, max_rows=max_rows)
 
 
 class PretrainObjective:
@@ -56,14 +84,40 @@ class PretrainObjective:
         self.cfg = cfg
         self.mask_token_id = mask_token_id
 
-    def __call__(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossOutput:
+    def draw(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | NoiseKey
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The noised batch: (x0, noisy, masked, row weight 1 / (p B L)).
+
+        A ``NoiseKey`` draws from (seed, step, ``batch["sample_index"]``); a generator draws
+        from its stream (the draws of checkpoints written before the keys existed).
+        """
+        if isinstance(generator, NoiseKey):
+            ids, index = batch["input_ids"], batch["sample_index"]
+            x0 = ids[:, : generator.cut_length(ids.shape[1], self.cfg.var_len_prob)]  # (B, L')
+            B, L = x0.shape
+            p = generator.mask_prob(index, self.cfg.eps).to(x0.device)  # (B,)
+            u = generator.token_uniforms(index, L)  # (B, L')
+            noisy, masked = mask_from_uniforms(x0, p, u, self.mask_token_id)
+            return x0, noisy, masked, 1.0 / (p * (B * L))
         x0 = maybe_cut_length(batch["input_ids"], self.cfg.var_len_prob, generator)  # (B, L)
         B, L = x0.shape
         p = sample_mask_prob(B, self.cfg.eps, generator).to(x0.device)  # (B,)
         noisy, masked = mask_tokens(x0, p, self.mask_token_id, generator)
-        logits = model(noisy)  # (B, L, V)
-        loss = pretrain_loss_from(masked_ce(logits, x0, masked), p)
-        return LossOutput(loss, B * L, int(masked.sum()))
+        return x0, noisy, masked, 1.0 / (p * (B * L))
+
+    def __call__(
+        self, model, batch: dict[str, torch.Tensor], generator: torch.Generator | NoiseKey
+    ) -> LossOutput:
+        x0, noisy, masked, w = self.draw(batch, generator)
+        # the uncut width bounds the rows: the same head-call count every step under ZeRO-3
+        max_rows = batch["input_ids"].numel()
+        docs = batch.get("document_ids")
+        docs = None if docs is None else docs[:, : x0.shape[1]]  # cut like the tokens
+        loss = masked_head_loss(
+            model, noisy, x0, masked, w, self.cfg.loss_chunk_rows, max_rows, docs
+        )
+        return LossOutput(loss, x0.numel(), masked.sum())
 
 
 class SFTObjective:
@@ -77,25 +131,50 @@ class SFTObjective:
         self.cfg = cfg
         self.mask_token_id = mask_token_id
 
-    def __call__(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator) -> LossOutput:
+    def draw(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | NoiseKey
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, noisy, masked, row weight 1 / (p ans_len B)); prompts optionally dropped to MASK.
+
+        A ``NoiseKey`` draws per sample from ``batch["sample_index"]``, as in pre-training.
+        """
         x0 = batch["input_ids"]  # (B, L)
         prompt_len = batch["prompt_len"].to(x0.device)  # (B,)
         B, L = x0.shape
         positions = torch.arange(L, device=x0.device)[None, :]
         is_prompt = positions < prompt_len[:, None]  # (B, L)
-        p = sample_mask_prob(B, self.cfg.eps, generator).to(x0.device)
-        noisy, masked = mask_tokens(x0, p, self.mask_token_id, generator, maskable=~is_prompt)
+        keyed = isinstance(generator, NoiseKey)
+        if keyed:
+            index = batch["sample_index"]
+            p = generator.mask_prob(index, self.cfg.eps).to(x0.device)
+            u = generator.token_uniforms(index, L)
+            noisy, masked = mask_from_uniforms(x0, p, u, self.mask_token_id, maskable=~is_prompt)
+        else:
+            p = sample_mask_prob(B, self.cfg.eps, generator).to(x0.device)
+            noisy, masked = mask_tokens(x0, p, self.mask_token_id, generator, maskable=~is_prompt)
         if self.cfg.p_uncond > 0:
-            drop = torch.rand(B, generator=generator, device=generator.device).to(x0.device) < self.cfg.p_uncond
+            if keyed:
+                u = generator.drop_uniforms(batch["sample_index"]).to(x0.device)
+            else:
+                u = torch.rand(B, generator=generator, device=generator.device).to(x0.device)
+            drop = u < self.cfg.p_uncond  # (B,)
             noisy = torch.where(is_prompt & drop[:, None], torch.full_like(noisy, self.mask_token_id), noisy)
-        logits = model(noisy)  # (B, L, V)
-        loss = sft_loss_from(masked_ce(logits, x0, masked), p, prompt_len)
-        return LossOutput(loss, B * L, int(masked.sum()))
+        ans_len = (L - prompt_len).clamp(min=1).to(torch.float32)  # (B,) EOS padding included
+        return x0, noisy, masked, 1.0 / (p * ans_len * B)
+
+    def __call__(
+        self, model, batch: dict[str, torch.Tensor], generator: torch.Generator | NoiseKey
+    ) -> LossOutput:
+        x0, noisy, masked, w = self.draw(batch, generator)
+        loss = masked_head_loss(model, noisy, x0, masked, w, self.cfg.loss_chunk_rows, x0.numel())
+        return LossOutput(loss, x0.numel(), masked.sum())
 
 
 def build_objective(cfg: ObjectiveConfig, mask_token_id: int) -> PretrainObjective | SFTObjective:
     """The objective named by ``cfg.name``."""
-    objectives = {"pretrain": PretrainObjective, "sft": SFTObjective}
+    from llada_train.diffusion.ar import ARObjective  # ar.py imports this module
+
+    objectives = {"pretrain": PretrainObjective, "sft": SFTObjective, "ar": ARObjective}
     if cfg.name not in objectives:
         raise LladaError(f"objective.name={cfg.name!r} is unknown; use one of {sorted(objectives)}")
     return objectives[cfg.name](cfg, mask_token_id)

@@ -10,7 +10,7 @@ import torch
 
 from llada_train.data.jsonl import iter_jsonl_rows
 from llada_train.errors import LladaError
-from llada_train.eval.methods import DecodeConfig, decode_batch
+from llada_train.eval.decode import DecodeConfig, decode_batch
 from llada_train.eval.text import TextCodec
 from llada_train.sample import left_pad
 

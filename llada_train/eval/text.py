@@ -5,26 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from llada_train.chat import ChatEncoder, ChatTemplate
 from llada_train.errors import LladaError
-
-# Named chat templates (format strings with {prompt}); SPEC §1 gives LLaDA-Instruct's format.
-# Special tokens are written as text: the tokenizer maps them to its own ids.
-CHAT_TEMPLATES = {
-    "llada": (
-        "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    ),
-}
-# the end-of-turn token a named template implies, used when eot_token is not set
-CHAT_EOT = {"llada": "<|eot_id|>"}
 
 
 class TextCodec:
-    """Encodes prompts (optional chat template and BOS) and decodes completions up to a stop token.
+    """Encodes prompts (raw, or as a chat turn) and decodes completions up to a stop token.
 
-    ``chat_template`` is a format string with ``{prompt}`` or a name in ``CHAT_TEMPLATES``
-    (``llada``); special tokens written in it (e.g. ``<|start_header_id|>``) are recognised by
-    the tokenizer, so no id is hard-coded.
+    With ``chat`` set, a prompt becomes the user turn of the SPEC §1 template rendered by
+    ``ChatEncoder``, the same code that builds SFT records, so inference prompts match
+    training prompts token for token; the template's token strings come from ``chat``.
     """
 
     def __init__(
@@ -32,8 +22,9 @@ class TextCodec:
         tokenizer_path: str | Path,
         bos_token_id: int | None = None,
         stop_ids: Sequence[int] = (),
-        chat_template: str | None = None,
+        chat: ChatTemplate | None = None,
         add_bos: bool = True,
+        system: str | None = None,
     ) -> None:
         from tokenizers import Tokenizer
 
@@ -45,12 +36,11 @@ class TextCodec:
         self.tokenizer = Tokenizer.from_file(str(path))
         self.bos_token_id = bos_token_id
         self.stop_ids = set(stop_ids)
-        self.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template) if chat_template else None
+        self.chat = ChatEncoder(self.tokenizer, chat) if chat is not None else None
         self.add_bos = add_bos
-        if self.chat_template is not None and "{prompt}" not in self.chat_template:
-            raise LladaError(
-                f"chat_template must be one of {sorted(CHAT_TEMPLATES)} or contain '{{prompt}}' where the user text goes"
-            )
+        self.system = system
+        if system is not None and self.chat is None:
+            raise LladaError("a system message needs the chat template: set chat=true")
 
     def token_id(self, token: str) -> int:
         """The id of a (special) token string; a clear error when the tokenizer lacks it."""
@@ -64,9 +54,12 @@ class TextCodec:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """Ids of a prompt after the chat template, with BOS first when ``add_bos``."""
-        text = self.chat_template.format(prompt=prompt) if self.chat_template else prompt
-        ids = self.encode(text)
+        """Ids of a prompt: the chat template's when set (BOS included), else raw with BOS first
+        when ``add_bos``."""
+        if self.chat is not None:
+            system = [{"role": "system", "content": self.system}] if self.system is not None else []
+            return self.chat.encode_prompt([*system, {"role": "user", "content": prompt}])
+        ids = self.encode(prompt)
         if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from llada_train.atomic import write_json_atomic
 from llada_train.errors import LladaError
+from llada_train.hf.export import write_hf_files
 from llada_train.model.config import ModelConfig
 from llada_train.model.transformer import LLaDAModel
 
@@ -69,23 +70,64 @@ def save_pretrained(
     some = next(iter(tensors.values()))
     llada_json["torch_dtype"] = str(some.dtype).removeprefix("torch.")
     write_json_atomic(tmp_dir / "config.json", llada_json)
+    write_hf_files(tmp_dir)  # modeling files + auto_map: transformers' trust_remote_code loads it
     if tokenizer_dir is not None:
-        copy_tokenizer_files(tokenizer_dir, tmp_dir)
+        copy_tokenizer_files(tokenizer_dir, tmp_dir, cfg)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp_dir, out_dir)
     return out_dir
 
 
-def copy_tokenizer_files(src: str | Path, dst: Path) -> None:
-    """Copy tokenizer files from a folder, or a single ``tokenizer.json`` path, into ``dst``."""
+def copy_tokenizer_files(src: str | Path, dst: Path, cfg: ModelConfig | None = None) -> None:
+    """Copy tokenizer files from a folder, or a ``tokenizer.json`` path (with the HF config
+    files beside it), into ``dst``; with ``cfg``, write a ``tokenizer_config.json`` the source
+    lacks, so ``AutoTokenizer.from_pretrained(dst)`` can load the export."""
     src = Path(src)
     if src.is_file():
         shutil.copy2(src, dst / "tokenizer.json")
-        return
+        folder = src.parent if src.name == "tokenizer.json" else None
+    else:
+        folder = src
     for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
+        if folder is not None and (folder / name).is_file() and not (dst / name).exists():
+            shutil.copy2(folder / name, dst / name)
+    if cfg is not None and (dst / "tokenizer.json").is_file():
+        if not (dst / "tokenizer_config.json").exists():
+            write_json_atomic(dst / "tokenizer_config.json", tokenizer_config(dst / "tokenizer.json", cfg))
+        if not (dst / "special_tokens_map.json").exists():
+            config = json.loads((dst / "tokenizer_config.json").read_text())
+            specials = {k: v for k, v in config.items() if k in _SPECIAL_KEYS and isinstance(v, str)}
+            write_json_atomic(dst / "special_tokens_map.json", specials)
+
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "mask_token")
+
+
+def tokenizer_config(tokenizer_json: Path, cfg: ModelConfig) -> dict[str, Any]:
+    """A HF ``tokenizer_config.json`` for a bare tokenizer.json: the model's special tokens,
+    and the LLaDA chat template when the vocabulary has its tokens."""
+    from tokenizers import Tokenizer
+
+    from llada_train.chat import ChatTemplate
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    ids = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.mask_token_id)
+    out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for key, i in zip(_SPECIAL_KEYS, ids, strict=True):
+        token = tok.id_to_token(i) if i is not None else None
+        if token is not None:
+            out[key] = token
+    out["model_max_length"] = cfg.max_sequence_length
+    t = ChatTemplate()
+    if all(tok.token_to_id(s) is not None for s in (t.bos, t.header_start, t.header_end, t.eot)):
+        out["chat_template"] = (
+            t.bos + "{% for m in messages %}" + t.header_start + "{{ m['role'] }}"
+            + t.header_end + "\n\n{{ m['content'] }}" + t.eot + "{% endfor %}"
+            "{% if add_generation_prompt %}" + t.header_start + t.assistant_role + t.header_end
+            + "\n\n{% endif %}"
+        )
+    return out
 
 
 def read_config(folder: str | Path) -> ModelConfig:
@@ -101,7 +143,11 @@ def weight_files(folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     index = folder / INDEX_NAME
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise LladaError(f"{index} is not a valid safetensors index (truncated or corrupt): "
+                             "copy the complete checkpoint") from None
         files = {name: folder / fname for name, fname in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.exists():
@@ -110,8 +156,26 @@ def weight_files(folder: str | Path) -> dict[str, Path]:
     single = folder / SINGLE_NAME
     if not single.exists():
         raise LladaError(f"no {SINGLE_NAME} or {INDEX_NAME} in {folder}: not a released-layout model folder")
-    with safe_open(single, framework="pt") as f:
-        return dict.fromkeys(f.keys(), single)
+    return dict.fromkeys(open_safetensors(single).keys(), single)
+
+
+def open_safetensors(path: Path) -> Any:
+    """``safe_open(path)``, refusing an unreadable file with one line that names it."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as exc:  # SafetensorError is not importable under a stable name
+        head = b""
+        if path.is_file():
+            with open(path, "rb") as fh:
+                head = fh.read(2)
+        # a zip (torch.save) or a pickle stream: never unpickled here, only named
+        kind = "a PyTorch/pickle file, " if head[:2] == b"PK" or head[:1] == b"\x80" else ""
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = reason.removeprefix("Error while deserializing header: ")
+        raise LladaError(
+            f"{path} is not a readable safetensors file ({kind}{reason}): it is truncated, "
+            "corrupt or another format; copy it again, or convert it with safetensors' save_file"
+        ) from None
 
 
 @torch.no_grad()
@@ -137,7 +201,7 @@ def load_weights_into(
     for name, p in params.items():
         f = files[name]
         if f not in handles:
-            handles[f] = safe_open(f, framework="pt")
+            handles[f] = open_safetensors(f)
         shape = tuple(handles[f].get_slice(name).get_shape())
         expected = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
         if shape != expected:

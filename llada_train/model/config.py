@@ -29,10 +29,28 @@ class ModelConfig:
     pad_token_id: int = 1
     bos_token_id: int = 0
     init_std: float = 0.02
-    # "sdpa" (default, any device) or "flash" (flash-attn on CUDA; falls back to SDPA elsewhere)
+    # "sdpa" (default, any device) or "flash" (flash-attn on CUDA; falls back to SDPA elsewhere);
+    # read when the model is built
     attention_backend: str = "sdpa"
-    # recompute each block in backward: trades ~30% compute for activation memory
+    # recompute blocks in backward: trades up to ~30% compute for activation memory
     activation_checkpointing: bool = False
+    # with activation_checkpointing: checkpoint blocks 0, k, 2k, ... (1 = every block)
+    checkpoint_every: int = 1
+    # "full": recompute the whole block; "save_matmuls": keep matmul/attention outputs and
+    # recompute only the element-wise ops (torch selective checkpointing)
+    checkpoint_policy: str = "full"
+    # torch.compile each block (nn.Module.compile: parameter names unchanged); off on CPU
+    compile: bool = False
+    compile_backend: str = "inductor"  # "aot_eager" compiles without code generation (tests)
+    # causal attention: the autoregressive twin (objective=ar); written to config.json as an
+    # extra flag, released configs without it load as bidirectional
+    causal: bool = False
+    # biases on q/k/v only (Qwen2-family conversions); the released field of the same name
+    include_qkv_bias: bool = False
+    # position i outputs the prediction made at position i-1 (an AR model's next-token head
+    # reused for diffusion, as Dream-7B does); every loss and sampler then reads logits[i]
+    # as the prediction of token i, unchanged
+    shift_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -48,6 +66,13 @@ class ModelConfig:
         if self.attention_backend not in ("sdpa", "flash"):
             raise LladaError(
                 f"model config: attention_backend={self.attention_backend!r}; use 'sdpa' or 'flash'"
+            )
+        if self.checkpoint_every < 1:
+            raise LladaError(f"model config: checkpoint_every={self.checkpoint_every} must be >= 1")
+        if self.checkpoint_policy not in ("full", "save_matmuls"):
+            raise LladaError(
+                f"model config: checkpoint_policy={self.checkpoint_policy!r}; "
+                "use 'full' or 'save_matmuls'"
             )
         for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
             value = getattr(self, name)
@@ -71,7 +96,7 @@ class ModelConfig:
             "rope": True,
             "rope_full_precision": True,
             "include_bias": False,
-            "include_qkv_bias": False,
+            "include_qkv_bias": self.include_qkv_bias,
             "weight_tying": False,
             "d_model": self.d_model,
             "n_layers": self.n_layers,
@@ -88,6 +113,9 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "bos_token_id": self.bos_token_id,
             "init_std": self.init_std,
+            # extra flags, not in the released file (which therefore loads as false)
+            "causal": self.causal,
+            "shift_logits": self.shift_logits,
         }
 
     @classmethod
@@ -101,6 +129,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known and v is not None}
         kwargs["vocab_size"] = vocab
+        if data.get("n_kv_heads") is None and data.get("n_heads") is not None:
+            kwargs["n_kv_heads"] = data["n_heads"]  # OLMo's null: as many kv heads as heads
         if "bos_token_id" not in kwargs:
             kwargs["bos_token_id"] = 0
         missing = [k for k in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size") if k not in kwargs or kwargs[k] is None]

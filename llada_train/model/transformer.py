@@ -4,68 +4,41 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, cast back to the input dtype, then scaled (LLaDA's order)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def rotary_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin tables of shape (L, head_dim) for rotate-half (non-interleaved) RoPE."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)  # (L, head_dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (L, head_dim)
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, L, D) queries or keys in fp32 and cast back."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
-
-
-def _flash_attn_func():
-    """flash-attn's kernel, or None when it is not installed (an optional GPU extra)."""
-    try:
-        from flash_attn import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
+from llada_train.model.kv_cache import LayerKV, PrefixCache
+from llada_train.model.layers import (
+    FlashFn,
+    RMSNorm,
+    RopeTable,
+    apply_rotary,
+    attend,
+    resolve_flash_attn,
+)
+from llada_train.model.masks import attention_layout
+from llada_train.model.remat import check_policy, checkpointed_call
 
 
 class LLaDABlock(nn.Module):
-    """One pre-norm block: full (non-causal) attention, then a SwiGLU MLP."""
+    """One pre-norm block: attention (full, or causal for the AR twin), then a SwiGLU MLP."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, flash: FlashFn | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.flash = flash  # resolved once at build; None = SDPA
         d, hd = cfg.d_model, cfg.head_dim
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        qkv_bias = cfg.include_qkv_bias  # Qwen2-family conversions; never the released model
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
         self.attn_out = nn.Linear(cfg.n_heads * hd, d, bias=False)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # SiLU gate
@@ -74,33 +47,59 @@ class LLaDABlock(nn.Module):
 
     def attention(
         self,
+        x: torch.Tensor,  # (B, L, d), normed
+        cos: torch.Tensor,  # (L, hd) fp32, phases of x's absolute positions
+        sin: torch.Tensor,
+        key_mask: torch.Tensor | None,  # (B, 1, 1 or L, keys) bool, True = attend
+        kv: LayerKV | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Attention output (B, L, d); with a filled ``kv`` slot keys are cached prefix + x."""
+        cfg = self.cfg
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        # (B, H_kv, L, hd)
+        k = self.k_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            k, v = kv.update(k, v)  # (B, H_kv, keys, hd)
+        return self.attn_out(attend(q, k, v, key_mask, self.flash, is_causal))
+
+    def body(
+        self,
         x: torch.Tensor,  # (B, L, d)
         cos: torch.Tensor,
         sin: torch.Tensor,
-        key_mask: torch.Tensor | None,  # (B, 1, 1, L) bool, True = attend
+        key_mask: torch.Tensor | None,
+        kv: LayerKV | None = None,
+        is_causal: bool = False,
     ) -> torch.Tensor:
-        cfg = self.cfg
-        B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
-        flash = _flash_attn_func() if cfg.attention_backend == "flash" else None
-        if flash is not None and key_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
-            out = out.reshape(B, L, -1)  # flash returns (B, L, H, hd)
-        else:
-            if cfg.n_kv_heads != cfg.n_heads:
-                rep = cfg.n_heads // cfg.n_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
-            out = out.transpose(1, 2).reshape(B, L, -1)
-        return self.attn_out(out)
-
-    def forward(self, x, cos, sin, key_mask):
-        h = x + self.attention(self.attn_norm(x), cos, sin, key_mask)
+        """The block's output (B, L, d), never checkpointed."""
+        h = x + self.attention(self.attn_norm(x), cos, sin, key_mask, kv, is_causal)
         m = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, d)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        kv: LayerKV | None = None,
+        recompute: str | None = None,  # an activation-checkpointing policy, or None
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """The block's output (B, L, d), checkpointed under ``recompute`` when given.
+
+        The checkpoint sits inside ``forward`` so that a compiled block compiles it too:
+        torch.compile then plans the recomputation itself (as torchtitan's wrapped blocks do).
+        The model decides ``recompute`` per call, so blocks hold no per-layer constants that
+        would make torch.compile build a graph per block.
+        """
+        if recompute is not None:
+            return checkpointed_call(self.body, recompute, x, cos, sin, key_mask, kv, is_causal)
+        return self.body(x, cos, sin, key_mask, kv, is_causal)
 
 
 class LLaDAModel(nn.Module):
@@ -112,26 +111,31 @@ class LLaDAModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        check_policy(cfg.checkpoint_policy)
         self.config = cfg
+        flash = resolve_flash_attn(cfg.attention_backend)
         transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(cfg.vocab_size, cfg.d_model),
-                "blocks": nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers)),
+                "blocks": nn.ModuleList(LLaDABlock(cfg, flash) for _ in range(cfg.n_layers)),
                 "ln_f": RMSNorm(cfg.d_model, cfg.rms_norm_eps),
                 "ff_out": nn.Linear(cfg.d_model, cfg.vocab_size, bias=False),
             }
         )
         self.model = nn.Module()
         self.model.transformer = transformer
-        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.max_sequence_length)
 
     @property
     def transformer(self) -> nn.ModuleDict:
         return self.model.transformer
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator, param_context=None) -> None:
-        """Normal(0, init_std) matrices (residual outputs / sqrt(2 n_layers)), unit norm weights.
+    def init_weights(
+        self, generator: torch.Generator, param_context: Callable[..., Any] | None = None
+    ) -> None:
+        """Normal(0, init_std) matrices (residual outputs / sqrt(2 n_layers)), unit norm weights,
+        zero q/k/v biases (when the config has them).
 
         Draws happen in parameter order from ``generator``, so every ZeRO stage gets the same
         weights; ``param_context(p)`` wraps each write (ZeRO-3 passes a gather context).
@@ -140,37 +144,103 @@ class LLaDAModel(nn.Module):
         for name, p in self.named_parameters():
             with param_context(p) if param_context else contextlib.nullcontext():
                 if p.ndim == 1:
-                    p.fill_(1.0)
+                    p.fill_(0.0 if name.endswith(".bias") else 1.0)  # biases draw nothing
                     continue
                 residual_out = ".blocks." in name and name.endswith(("attn_out.weight", "ff_out.weight"))
                 s = std / math.sqrt(2 * self.config.n_layers) if residual_out else std
                 values = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=generator)
                 p.copy_(values)
 
-    def _rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (seq_len, str(device))
-        if key not in self._rope_cache:
-            self._rope_cache[key] = rotary_cos_sin(seq_len, self.config.head_dim, self.config.rope_theta, device)
-        return self._rope_cache[key]
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` each block in place (``nn.Module.compile``: no ``_orig_mod.`` names).
+
+        Blocks are the unit because they repeat: one compiled graph serves them all, and the
+        embedding, head and loss stay eager (the loss may gather rows of varying count).
+        """
+        for block in self.transformer.blocks:
+            block.compile(backend=backend)
+
+    def recompute_policy(self, layer: int) -> str | None:
+        """The activation-checkpointing policy block ``layer`` runs under now, or None."""
+        cfg = self.config
+        on = cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        return cfg.checkpoint_policy if on and layer % cfg.checkpoint_every == 0 else None
 
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, L) int64
-        attention_mask: torch.Tensor | None = None,  # (B, L), 1 = real token
+        attention_mask: torch.Tensor | None = None,  # (B, keys), 1 = real token
+        *,
+        return_hidden: bool = False,
+        cache: PrefixCache | None = None,
+        document_ids: torch.Tensor | None = None,  # (B, L) int64, packed documents
     ) -> torch.Tensor:
+        """Logits (B, L, V); with ``return_hidden`` the last block's output (B, L, d) before
+        ``ln_f``, so a loss can run ``ln_f`` and the head on the rows it needs only.
+
+        Attention is bidirectional, or causal with ``config.causal``; ``document_ids`` makes
+        it block-diagonal (positions attend only to equal ids; combined with the padding and
+        causal masks). RoPE is relative, so packed documents need no position reset. With
+        ``config.shift_logits`` row i holds the prediction made at position i-1 (row 0 its own).
+
+        With an empty ``cache`` the pass is the plain one and records the prefix keys/values;
+        with a filled one ``input_ids`` is the suffix after the cached positions and
+        ``attention_mask`` covers prefix and suffix (see ``PrefixCache``).
+        """
         t = self.transformer
         B, L = input_ids.shape
-        x = t.wte(input_ids)  # (B, L, d)
-        cos, sin = self._rope(L, input_ids.device)
-        key_mask = None
-        if attention_mask is not None:
-            key_mask = attention_mask.bool().view(B, 1, 1, L)  # padding masks keys only
-        for block in t.blocks:
-            if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
+        offset = 0
+        if cache is not None:
+            if cache.filled:
+                if len(cache.layers) != len(t.blocks):
+                    raise LladaError(
+                        f"PrefixCache holds {len(cache.layers)} layers; this model has {len(t.blocks)}"
+                    )
+                offset = cache.length
             else:
-                x = block(x, cos, sin, key_mask)
+                cache.clear()  # a pass that failed half-way must not leave stale layers
+        if attention_mask is not None and attention_mask.shape[1] != offset + L:
+            raise LladaError(
+                f"attention_mask covers {attention_mask.shape[1]} positions; expected {offset + L} "
+                f"({offset} cached + {L} given)"
+            )
+        x = t.wte(input_ids)  # (B, L, d)
+        cos, sin = self.rope.get(offset, L, input_ids.device)  # (L, hd) fp32
+        layout = attention_layout(
+            B, L, offset, attention_mask, document_ids, self.config.causal, input_ids.device
+        )
+        mask, causal = layout.mask, layout.is_causal
+        for i, block in enumerate(t.blocks):
+            if cache is None:
+                x = block(x, cos, sin, mask, None, self.recompute_policy(i), causal)
+            else:  # inference with a prefix cache: never checkpointed
+                x = block(x, cos, sin, mask, cache.layer(i), None, causal)
+        if self.config.shift_logits:
+            x = shift_hidden(x, cache)
+        elif cache is not None:
+            cache.filled = True
+        if return_hidden:
+            return x  # (B, L, d)
         return t.ff_out(t.ln_f(x))  # (B, L, V)
+
+
+def shift_hidden(x: torch.Tensor, cache: PrefixCache | None) -> torch.Tensor:
+    """Rows moved one position right (row i <- row i-1), so the AR head's next-token
+    prediction lands on the position it predicts; row 0 keeps its own (Dream-7B's choice).
+
+    With a cache the row before a suffix is the prefix's last (unshifted) hidden state,
+    which the recording pass stores in the cache.
+    """
+    before = x[:, :1]  # (B, 1, d): position 0 has no predecessor
+    if cache is not None:
+        if cache.filled and cache.last_hidden is not None:
+            before = cache.last_hidden
+        if not cache.filled and cache.keep > 0:
+            cache.last_hidden = x[:, cache.keep - 1 : cache.keep].clone()  # not all of x
+        elif cache.filled and cache.grow:
+            cache.last_hidden = x[:, -1:]
+        cache.filled = True
+    return torch.cat([before, x[:, :-1]], dim=1)  # (B, L, d)
 
 
 def count_parameters(cfg: ModelConfig) -> int:

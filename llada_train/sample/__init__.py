@@ -3,8 +3,9 @@
 Every sampler takes token ids as parameters and returns the forward passes it spent.
 """
 
+from llada_train.sample.ar import ar_generate, ar_log_likelihood
 from llada_train.sample.common import SampleOutput, left_pad, num_transfer_schedule
-from llada_train.sample.fast import fast_generate, forward_with_cache
+from llada_train.sample.fast import fast_generate
 from llada_train.sample.generate import generate
 from llada_train.sample.hex import HexOutput, hex_generate, majority_vote
 from llada_train.sample.med import InfillOutput, infill_generate, med_generate
@@ -14,8 +15,9 @@ __all__ = [
     "HexOutput",
     "InfillOutput",
     "SampleOutput",
+    "ar_generate",
+    "ar_log_likelihood",
     "fast_generate",
-    "forward_with_cache",
     "generate",
     "hex_generate",
     "infill_generate",

@@ -173,22 +173,19 @@ def apply_eos_rules(
     return logits
 
 
-def zero_stop_confidence(
-    confidence: torch.Tensor,  # (B, L)
-    chosen: torch.Tensor,  # (B, L)
-    stop_ids: Sequence[int],
+def chosen_probability(
+    logits: torch.Tensor, chosen: torch.Tensor, exclude: Sequence[int] = ()
 ) -> torch.Tensor:
-    """Confidence 0 where the chosen token is EOS/EoT: stops are committed last.
+    """softmax(logits) at the chosen token, (B, L): the low-confidence score.
 
-    Zero (not -inf) keeps them ahead of positions that may never be committed.
+    ``exclude`` (EOS/EoT under ``eos_zero_confidence``) follows the released sampler's
+    ``confidence_eos_eot_inf``: their logits become -inf *before* the softmax, so a position
+    that chose one scores exactly 0 and every other position's probability is renormalised
+    over the remaining tokens (which raises it). ``logits`` is not modified.
     """
-    for tok in stop_ids:
-        confidence = torch.where(chosen == tok, torch.zeros_like(confidence), confidence)
-    return confidence
-
-
-def chosen_probability(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """softmax(logits) at the chosen token, (B, L): the low-confidence score."""
+    if exclude:
+        idx = torch.as_tensor(list(exclude), dtype=torch.long, device=logits.device)
+        logits = logits.index_fill(-1, idx, NEG_INF)
     p = torch.softmax(logits, dim=-1)  # (B, L, V)
     return p.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
 
@@ -199,11 +196,21 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
 
 
-def top_k_mask(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def top_k_mask(confidence: torch.Tensor, k: torch.Tensor, ties: str = "stable") -> torch.Tensor:
     """Bool (B, L): the ``k[row]`` highest-confidence positions per row (-inf never chosen).
 
-    A stable sort breaks ties by position, so the result is deterministic.
+    ``ties="stable"``: a stable sort breaks ties by position (deterministic everywhere).
+    ``ties="topk"``: ``torch.topk`` per row, as the released sampler does, so ties (e.g. the
+    zero confidences of ``eos_zero_confidence``) are broken the way it breaks them.
     """
+    if ties == "topk":
+        out = torch.zeros_like(confidence, dtype=torch.bool)
+        for row in range(confidence.shape[0]):
+            _, index = torch.topk(confidence[row], k=int(k[row]))
+            out[row, index] = True
+        return out & (confidence > NEG_INF)
+    if ties != "stable":
+        raise LladaError(f"top_k_mask ties={ties!r} is unknown: use 'stable' or 'topk'")
     order = confidence.argsort(dim=1, descending=True, stable=True)  # (B, L)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))

@@ -12,16 +12,16 @@ then run the transformer on the current block and everything after it only. With
 block the prefix sees the block as it was at the block's first step; outputs can
 therefore differ from uncached decoding, while each cached step costs roughly
 ``(L - block_start) / L`` of a full pass. Finished blocks (not the prompt alone) are
-what make the saving grow along the answer.
+what make the saving grow along the answer. The model owns the cache
+(``llada_train.model.PrefixCache``): this module only calls the model.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from llada_train.errors import LladaError
-from llada_train.model.transformer import apply_rotary, rotary_cos_sin
+from llada_train.model.kv_cache import PrefixCache
 from llada_train.sample.common import (
     NEG_INF,
     SampleOutput,
@@ -37,53 +37,6 @@ from llada_train.sample.common import (
     steps_per_block,
     top_k_mask,
 )
-
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, H_kv, prefix, hd) keys, values
-
-
-def forward_with_cache(
-    model: torch.nn.Module,
-    x: torch.Tensor,  # (B, Ls) tokens at absolute positions [offset, offset + Ls)
-    offset: int,
-    attention_mask: torch.Tensor | None,  # (B, offset + Ls) over all keys, or None
-    past: KVCache | None = None,  # keys/values of positions [0, offset)
-    keep: int = 0,
-) -> tuple[torch.Tensor, KVCache]:
-    """Run ``model``'s blocks on a suffix, attending to cached prefix keys/values.
-
-    Returns fp32 logits (B, Ls, V) and, per layer, the keys/values of the first ``keep``
-    positions of the whole sequence (for building a cache). With ``offset`` 0 and no
-    ``past`` this is the model's own forward pass.
-    """
-    cfg = model.config
-    t = model.transformer
-    B, Ls = x.shape
-    if (past is None) != (offset == 0):
-        raise LladaError("forward_with_cache: pass a cache exactly when offset > 0")
-    cos, sin = rotary_cos_sin(offset + Ls, cfg.head_dim, cfg.rope_theta, x.device)
-    cos, sin = cos[offset:], sin[offset:]  # (Ls, hd): rotary phases of the suffix positions
-    key_mask = None if attention_mask is None else attention_mask.bool().view(B, 1, 1, -1)
-    h = t.wte(x)  # (B, Ls, d)
-    new_cache: KVCache = []
-    for i, blk in enumerate(t.blocks):
-        a = blk.attn_norm(h)
-        q = blk.q_proj(a).view(B, Ls, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, Ls, hd)
-        k = blk.k_proj(a).view(B, Ls, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = blk.v_proj(a).view(B, Ls, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past is not None:
-            k = torch.cat([past[i][0], k], dim=2)  # (B, H_kv, offset + Ls, hd)
-            v = torch.cat([past[i][1], v], dim=2)
-        if keep:
-            new_cache.append((k[:, :, :keep], v[:, :, :keep]))
-        if cfg.n_kv_heads != cfg.n_heads:
-            rep = cfg.n_heads // cfg.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
-        h = h + blk.attn_out(out.transpose(1, 2).reshape(B, Ls, -1))
-        m = blk.ff_norm(h)
-        h = h + blk.ff_out(F.silu(blk.ff_proj(m)) * blk.up_proj(m))
-    return t.ff_out(t.ln_f(h)).float(), new_cache  # raw logits: callers apply forbid_mask
 
 
 def threshold_commit(
@@ -135,8 +88,9 @@ def fast_generate(
     ``threshold`` (Fast-dLLM's tau, 0.9) commits every masked in-block position at least that
     confident, one at minimum; steps then adapt to the text. ``threshold=None`` uses the
     fixed schedule of ``steps`` (as ``generate``). ``use_cache`` reuses the prompt and
-    finished blocks' keys/values within a block: faster, approximate (see module doc).
-    A cached step counts as one forward pass in ``nfe`` although it is cheaper.
+    finished blocks' keys/values within a block: faster, approximate (see module doc); the
+    model's forward must take ``cache=`` (``LLaDAModel`` does). A cached step counts as one
+    forward pass in ``nfe`` although it is cheaper.
     """
     if threshold is None and steps is None:
         raise LladaError("fast_generate: give a threshold or a fixed number of steps")
@@ -156,17 +110,17 @@ def fast_generate(
         count = None
         if per_block is not None:
             schedule = num_transfer_schedule((x[:, start:end] == mask_token_id).sum(1), per_block)
-        cache: KVCache | None = None
+        cache = PrefixCache(keep=start) if use_cache else None  # the prompt and finished blocks
         step = 0
         while bool((x[:, start:end] == mask_token_id).any()) and (per_block is None or step < per_block):
             before = int((x[:, start:end] == mask_token_id).sum())
             active = (x[:, start:end] == mask_token_id).any(1)  # (B,) rows with work left
             calls = 1
-            if use_cache and cache is not None and start > 0:
-                logits, _ = forward_with_cache(model, x[:, start:], start, attn, cache)  # (B, L - start, V)
-            elif use_cache:
-                logits, cache = forward_with_cache(model, x, 0, attn, None, keep=start)  # refresh at block start
-                logits = logits[:, start:]
+            if cache is not None:
+                if cache.filled:  # later steps: run x[:, start:] against the recorded prefix
+                    logits = model(x[:, start:], attention_mask=attn, cache=cache).float()
+                else:  # the block's first step: a full pass that records positions [0, start)
+                    logits = model(x, attention_mask=attn, cache=cache).float()[:, start:]
             else:
                 logits, calls = model_logits(model, x, attn, P, mask_token_id, cfg_scale)
                 logits = logits[:, start:]

@@ -28,7 +28,6 @@ from llada_train.sample.common import (
     sample_tokens,
     steps_per_block,
     top_k_mask,
-    zero_stop_confidence,
 )
 
 REMASKING = ("low_confidence", "random")
@@ -66,8 +65,9 @@ def generate(
     "random" a uniformly random subset. ``temperature`` 0 is argmax (deterministic);
     otherwise Gumbel-max in float64. ``cfg_scale`` w > 0 adds a prompt-masked pass and uses
     ``un + (w + 1)(cond - un)``. ``forbid_eos`` sets the EOS logit to -inf;
-    ``eos_zero_confidence`` gives positions predicting EOS/EoT confidence 0 so they are
-    committed last.
+    ``eos_zero_confidence`` is the released sampler's ``confidence_eos_eot_inf``: EOS/EoT
+    logits become -inf before the confidence softmax (positions choosing them score 0 and
+    are committed last), ties broken in ``torch.topk`` order.
     """
     if remasking not in REMASKING:
         raise LladaError(f"remasking={remasking!r} is unknown; use one of {list(REMASKING)}")
@@ -118,10 +118,10 @@ def commit_step(
     logits = apply_eos_rules(logits, forbid_eos, eos_token_id)
     x0 = sample_tokens(logits, temperature, generator)  # (B, L)
     if remasking == "low_confidence":
-        conf = chosen_probability(logits, x0)  # (B, L)
+        # the released confidence_eos_eot_inf: stops get logit -inf before the softmax
+        conf = chosen_probability(logits, x0, exclude=zero_conf_ids)  # (B, L)
     else:
         conf = random_uniform(tuple(x0.shape), x0, generator)
-    conf = zero_stop_confidence(conf, x0, zero_conf_ids)
     conf = torch.where(candidates, conf, torch.full_like(conf, NEG_INF))
-    commit = top_k_mask(conf, count)
+    commit = top_k_mask(conf, count, ties="topk" if zero_conf_ids else "stable")
     return torch.where(commit, x0, x), commit

@@ -11,10 +11,19 @@ import torch
 
 from llada_train.model.checkpoint import load_weights_into, read_config
 from llada_train.model.config import ModelConfig
+from llada_train.model.lora import PeftConfig, apply_lora, lora_enabled
 from llada_train.model.transformer import LLaDAModel
 
-# Training switches that a run may set on top of a pretrained folder's architecture.
-RUNTIME_FIELDS = ("attention_backend", "activation_checkpointing")
+# Training switches that a run may set on top of a pretrained folder's architecture; none of
+# them is written to the exported config.json.
+RUNTIME_FIELDS = (
+    "attention_backend",
+    "activation_checkpointing",
+    "checkpoint_every",
+    "checkpoint_policy",
+    "compile",
+    "compile_backend",
+)
 
 
 def resolve_model_config(model_cfg: ModelConfig, init_from: str | None) -> ModelConfig:
@@ -35,12 +44,20 @@ def _param_context(zero_stage: int) -> Callable[[torch.nn.Parameter], Any] | Non
 
 
 def build_model(
-    model_cfg: ModelConfig, zero_stage: int, ds_config: dict[str, Any], seed: int, init_from: str | None
+    model_cfg: ModelConfig,
+    zero_stage: int,
+    ds_config: dict[str, Any],
+    seed: int,
+    init_from: str | None,
+    peft: PeftConfig | None = None,
 ) -> LLaDAModel:
     """Construct the model; under ZeRO-3 parameters are partitioned as they are created.
 
     Weights come from ``init_from`` (copied one tensor at a time, never the whole model on a
-    rank under ZeRO-3) or from a seeded init identical on every rank and ZeRO stage.
+    rank under ZeRO-3) or from a seeded init identical on every rank and ZeRO stage. With
+    ``peft=lora`` LoRA adapters are injected next (the base is frozen; under ZeRO-3 the new
+    adapter weights are partitioned by ``deepspeed.initialize``). With ``model.compile`` the
+    blocks are compiled last, once the weights and adapters are in place.
     """
     if zero_stage == 3:
         import deepspeed
@@ -55,4 +72,8 @@ def build_model(
         load_weights_into(model, init_from, param_context)
     else:
         model.init_weights(torch.Generator().manual_seed(seed), param_context)
+    if lora_enabled(peft):
+        apply_lora(model, peft, init_from, seed)
+    if model_cfg.compile:
+        model.compile_blocks(model_cfg.compile_backend)
     return model

@@ -32,6 +32,9 @@ class DeepSpeedConfig:
     # ZeRO-3: the optimizer steps over the partition in sub-groups of this many elements; each
     # step makes fp32 temporaries (flattened gradient, Adam denominator) of one sub-group's size
     sub_group_size: int = 1_000_000_000
+    # gradient accumulation dtype: null = DeepSpeed's default (the model's dtype); "fp32" keeps
+    # bf16 runs from summing micro-batch gradients in bf16 (needs zero_stage >= 1 with bf16)
+    grad_accum_dtype: str | None = None
 
 
 @dataclass
@@ -105,6 +108,13 @@ def render_deepspeed_config(
         raise LladaError("deepspeed.offload_param needs deepspeed.zero_stage=3")
     if cfg.offload_optimizer and cfg.zero_stage < 2:
         raise LladaError("deepspeed.offload_optimizer needs deepspeed.zero_stage=2 or 3")
+    if cfg.grad_accum_dtype not in (None, "fp32"):
+        raise LladaError(f"deepspeed.grad_accum_dtype={cfg.grad_accum_dtype!r}; use null or fp32")
+    # DeepSpeed has no stage-0 path for bf16 weights with fp32 accumulation (NotImplementedError)
+    if bf16 and cfg.grad_accum_dtype == "fp32" and cfg.zero_stage == 0:
+        raise LladaError(
+            "deepspeed.grad_accum_dtype=fp32 with bf16 needs deepspeed.zero_stage >= 1"
+        )
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage > 0:
         zero.update(
@@ -125,7 +135,7 @@ def render_deepspeed_config(
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
+    rendered: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": gradient_accumulation_steps(global_batch, micro_batch, world_size),
@@ -136,6 +146,9 @@ def render_deepspeed_config(
         "steps_per_print": 2**31 - 1,  # the trainer does its own logging
         "wall_clock_breakdown": False,
     }
+    if cfg.grad_accum_dtype is not None:
+        rendered["data_types"] = {"grad_accum_dtype": cfg.grad_accum_dtype}
+    return rendered
 
 
 def all_ranks_any(flag: bool, device: torch.device) -> bool:
@@ -147,10 +160,8 @@ def all_ranks_any(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def all_ranks_mean(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise mean over ranks of a few scalars (loss, token counts) in one collective."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return (t / dist.get_world_size()).tolist()
+def all_ranks_sum(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks of a small device tensor, in place; no host sync."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -3,49 +3,59 @@
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from llada_train.config import LoggingConfig, OptimConfig, TrainerConfig
+from llada_train.diffusion.forward import NoiseKey
 from llada_train.errors import LladaError
-from llada_train.model.config import ModelConfig
 from llada_train.train import checkpointing as ckpt
-from llada_train.train.distributed import (
-    DeepSpeedConfig,
-    DistInfo,
-    all_ranks_any,
-    all_ranks_mean,
-    render_deepspeed_config,
+from llada_train.train.guard import BadStepCounter, StepSums, StepVerdict
+from llada_train.train.metrics import (
+    LoggingConfig,
+    MetricsLogger,
+    ThroughputMeter,
+    flops_per_token,
+    memory_gib,
 )
-from llada_train.train.metrics import MetricsLogger, flops_per_token, memory_gib
+from llada_train.train.optim import OptimConfig, build_optimizer
+from llada_train.train.parts import RunContext, TrainerParts
+from llada_train.train.preemption import PreemptionFlag
 from llada_train.train.schedule import ScheduleConfig, lr_at
 
-_PREEMPTION_SIGNALS: list[int] = []
+
+@dataclass
+class TrainerConfig:
+    """Loop settings: batch arithmetic, length, checkpoints, guards."""
+
+    max_steps: int = 100
+    epochs: float = 0.0  # > 0: max_steps = ceil(epochs x records / global batch) (SFT data)
+    global_batch_size: int = 16  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 16  # sequences per rank per forward
+    seq_len: int = 128
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    export_at_end: bool = True  # consolidated safetensors export in run_dir/export
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bf16" or "fp32"
+    max_bad_steps: int = 5  # consecutive skipped (non-finite) optimizer steps before the run stops
+    peak_flops_per_device: float = 989e12  # H100 dense bf16; MFU's denominator (CUDA only)
+    # validation on held-out data (data.val_path / data.val_fraction); 0 = off
+    eval_every: int = 0  # steps between evaluations (and at the last step)
+    eval_windows: int = 64  # held-out windows (SFT: records) scored per evaluation
+    eval_samples_per_window: int = 8  # stratified noisy copies of each
 
 
-def _record_signal(signum: int, _frame: Any) -> None:
-    _PREEMPTION_SIGNALS.append(signum)
+@dataclass
+class LoopConfigs:
+    """The sub-configs the trainer reads (the root config's groups of the same names)."""
 
-
-def install_preemption_handlers() -> None:
-    """SIGTERM/SIGUSR1 (SLURM pre-emption) -> checkpoint at the end of the current step, exit.
-
-    Installed as early as possible so a signal during start-up is remembered, not fatal.
-    """
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _record_signal)
-
-
-class Reader(Protocol):
-    def __next__(self) -> dict[str, torch.Tensor]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    trainer: TrainerConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    logging: LoggingConfig
 
 
 @dataclass
@@ -64,94 +74,62 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only; norm weights (1-D) are not decayed."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 class Trainer:
-    """DeepSpeed engine, LR schedule by tokens, NaN guard, checkpoints, resume, metrics."""
+    """DeepSpeed engine, LR schedule by tokens, NaN guard, checkpoints, resume, metrics.
+
+    ``ds_config`` is the DeepSpeed JSON the entry point rendered once (the model was built
+    with the same dict, which matters under ZeRO-3).
+    """
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        model_cfg: ModelConfig,
-        objective: Any,
-        reader: Reader,
-        dist_info: DistInfo,
-        run_dir: str | Path,
-        seed: int,
-        trainer: TrainerConfig,
-        optim: OptimConfig,
-        schedule: ScheduleConfig,
-        deepspeed_cfg: DeepSpeedConfig,
-        logging: LoggingConfig,
-        tokenizer: str | None = None,
-        config_dict: dict[str, Any] | None = None,
+        self, parts: TrainerParts, cfgs: LoopConfigs, ds_config: dict[str, Any], run: RunContext
     ) -> None:
         import deepspeed
 
-        self.cfg, self.schedule, self.model_cfg = trainer, schedule, model_cfg
-        self.objective, self.reader, self.dist = objective, reader, dist_info
-        self.run_dir, self.tokenizer = Path(run_dir), tokenizer
-        self.zero_stage = deepspeed_cfg.zero_stage
-        self.rank0 = dist_info.rank == 0
-        self.ds_config = render_deepspeed_config(
-            deepspeed_cfg,
-            trainer.global_batch_size,
-            trainer.micro_batch_size,
-            dist_info.world_size,
-            optim.grad_clip,
-            use_bf16(trainer.precision, dist_info.device),
+        self.cfg, self.schedule, self.logging = cfgs.trainer, cfgs.schedule, cfgs.logging
+        self.model_cfg, self.objective, self.reader = parts.model_cfg, parts.objective, parts.reader
+        self.dist, self.run, self.validator = parts.dist, run, parts.validator
+        self.preemption = parts.preemption or PreemptionFlag()
+        self.rank0 = self.dist.rank == 0
+        self.ds_config = ds_config
+        self.zero_stage = int(ds_config["zero_optimization"]["stage"])
+        self.grad_accum = int(ds_config["gradient_accumulation_steps"])
+        self.optimizer = build_optimizer(parts.model, cfgs.optim, cfgs.schedule.peak_lr)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=parts.model, optimizer=self.optimizer, config=ds_config
         )
-        self.grad_accum = self.ds_config["gradient_accumulation_steps"]
-        # A client torch AdamW avoids DeepSpeed's fused_adam JIT compile and works on CPU.
-        optimizer = torch.optim.AdamW(
-            param_groups(model, optim.weight_decay),
-            lr=schedule.peak_lr,
-            betas=(optim.beta1, optim.beta2),
-            eps=optim.eps,
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in parts.model.parameters())
+        # Masks come from NoiseKey(seed, step) and each row's global sample index, whatever the
+        # topology; this per-rank stream only serves readers that give no sample index.
+        self.generator = torch.Generator(device=self.dist.device).manual_seed(
+            run.seed * 1_000_003 + self.dist.rank
         )
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config
-        )
-        self.n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-        # Masks differ per rank but are reproducible: one explicit generator per rank.
-        self.generator = torch.Generator(device=dist_info.device).manual_seed(seed * 1_000_003 + dist_info.rank)
         self.step = 0
         self.tokens = 0.0
         self.batches_drawn = 0
-        self.skipped = 0
-        self._grad_norm = math.nan
-        self.metrics = MetricsLogger(
-            self.run_dir,
-            enabled=self.rank0,
-            wandb_mode=logging.wandb_mode,
-            wandb_project=logging.wandb_project,
-            wandb_entity=logging.wandb_entity,
-            wandb_run_name=logging.wandb_run_name,
-            config=config_dict,
-        )
-        self.logging = logging
+        self.bad_steps = BadStepCounter(self.cfg.max_bad_steps)
+        self._grad_norm: torch.Tensor | None = None  # stage 0 measures it (see _measure_grads)
+        self._lr = math.nan
+        self._stop_requested = False
+        self.metrics = MetricsLogger(run.run_dir, self.rank0, self.logging, run.config_dict)
 
     # ---- state -------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
+        """Rank-independent state saved with each checkpoint (``trainer_state.json``)."""
         return {
             "step": self.step,
             "tokens": self.tokens,
             "batches_drawn": self.batches_drawn,
-            "skipped_batches": self.skipped,
+            "skipped_steps": self.bad_steps.skipped,
             "world_size": self.dist.world_size,
             "zero_stage": self.zero_stage,
             "global_batch_size": self.cfg.global_batch_size,
+            # masks are hashes of (seed, step, global sample index): nothing per rank to restore
+            "mask_draws": "seed-step-index",
         }
 
     def rank_state(self) -> dict[str, Any]:
+        """This rank's state: reader position and random generators."""
         return {
             "reader": self.reader.state_dict(),
             "generator": self.generator.get_state(),
@@ -159,87 +137,147 @@ class Trainer:
         }
 
     def save(self) -> None:
+        """Collective checkpoint; refuses non-finite weights."""
         if not ckpt.parameters_finite(self.engine, self.dist.device):
-            raise LladaError(f"weights are non-finite at step {self.step}: refusing to write a checkpoint")
+            raise LladaError(
+                f"weights are non-finite at step {self.step}: refusing to write a checkpoint"
+            )
         path = ckpt.save_checkpoint(
-            self.engine, self.run_dir, self.step, self.trainer_state(), self.rank_state(), self.cfg.keep_last
+            self.engine, self.run.run_dir, self.step, self.trainer_state(), self.rank_state(),
+            self.cfg.keep_last,
         )
         if self.rank0:
             print(f"checkpoint saved: {path}", flush=True)
 
     def maybe_resume(self) -> bool:
         """Auto-resume from ``run_dir/checkpoints/latest`` when it exists."""
-        tag = ckpt.latest_tag(self.run_dir)
+        tag = ckpt.latest_tag(self.run.run_dir)
         if tag is None:
             return False
-        state, rank_state = ckpt.load_checkpoint(self.engine, self.run_dir, tag)
+        state, rank_state = ckpt.load_checkpoint(self.engine, self.run.run_dir, tag)
         self.step, self.tokens = state["step"], state["tokens"]
-        self.batches_drawn, self.skipped = state["batches_drawn"], state["skipped_batches"]
+        self.batches_drawn = state["batches_drawn"]
+        # checkpoints written before the guard skipped whole steps counted micro-batches
+        self.bad_steps.skipped = state.get("skipped_steps", state.get("skipped_batches", 0))
         self.reader.load_state_dict(rank_state["reader"])
-        self.generator.set_state(rank_state["generator"])
-        torch.set_rng_state(rank_state["torch_rng"])
+        if "generator" in rank_state:  # absent after a resume on another world size
+            self.generator.set_state(rank_state["generator"])  # only for readers without indices
+        if "mask_draws" not in state and self.rank0:
+            print("note: this checkpoint predates masks keyed by (seed, step, sample index); "
+                  "the resumed steps draw keyed masks, not its per-rank generator stream",
+                  flush=True)
+        if "torch_rng" in rank_state:
+            torch.set_rng_state(rank_state["torch_rng"])
         if self.rank0:
-            print(f"resumed from {ckpt.checkpoint_dir(self.run_dir) / tag} at step {self.step}", flush=True)
+            where = ckpt.checkpoint_dir(self.run.run_dir) / tag
+            print(f"resumed from {where} at step {self.step}", flush=True)
         return True
 
-    # ---- the loop ----------------------------------------------------------------------
-    def _micro_batch(self) -> tuple[float, int, bool]:
-        """One forward/backward; returns (loss, tokens, skipped), the skip agreed by all ranks."""
-        batch = {k: v.to(self.dist.device) for k, v in next(self.reader).items()}
+    # ---- the step ----------------------------------------------------------------------
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self.reader)
         self.batches_drawn += 1
-        out = self.objective(self.engine, batch, self.generator)
-        loss = out.loss
-        if self.batches_drawn in self.cfg.inject_nan_at_batches:
-            loss = loss * float("nan")
-        if all_ranks_any(not torch.isfinite(loss).item(), self.dist.device):
-            return float("nan"), 0, True
-        self.engine.backward(loss)
-        if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
-            # DeepSpeed's plain fp32 path clips without recording the norm; measure it here
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            self._grad_norm = float(torch.nn.utils.get_total_norm(grads))
-        self.engine.step()
-        return loss.item(), out.num_tokens, False
+        device = self.dist.device
+        if device.type == "cuda":  # pinned host memory lets the copy overlap compute
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def _micro_batch(self, sums: StepSums) -> None:
+        """One forward/backward; the loss stays on the device."""
+        batch = self._next_batch()
+        keyed = "sample_index" in batch
+        noise = NoiseKey(self.run.seed, self.step) if keyed else self.generator
+        out = self.objective(self.engine, batch, noise)
+        self.engine.backward(out.loss)
+        sums.add(out.loss, out.num_tokens)
+
+    def _measure_grads(self, sums: StepSums) -> None:
+        """Stage 0: the gradient norm before the update, so a non-finite one is skipped too.
+
+        DeepSpeed's plain fp32 path neither records the norm nor checks it; its ZeRO and bf16
+        optimizers check it themselves and skip (seen through ``engine.skipped_steps``).
+        """
+        if self.zero_stage != 0:
+            return
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if grads:  # after the boundary all-reduce: identical on every rank
+            self._grad_norm = torch.nn.utils.get_total_norm(grads)
+            sums.flag_nonfinite(self._grad_norm)
+
+    def _attempt(self) -> tuple[StepVerdict, bool]:
+        """One optimizer step's micro-batches and update; returns (verdict, skipped)."""
+        sums = StepSums(self.dist.device)
+        for _ in range(self.grad_accum - 1):
+            self._micro_batch(sums)
+            self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        self._micro_batch(sums)
+        self._measure_grads(sums)
+        verdict = sums.agree(self.preemption.requested)
+        skipped_before = self.engine.skipped_steps
+        self.optimizer.skip = verdict.nonfinite  # DeepSpeed still clears grads and counts
+        try:
+            self.engine.step()
+        finally:
+            self.optimizer.skip = False
+        return verdict, verdict.nonfinite or self.engine.skipped_steps != skipped_before
 
     def train_step(self) -> float:
-        """One optimizer step of ``grad_accum`` finite micro-batches; returns the mean loss."""
-        lr = lr_at(self.schedule, self.step, self.tokens, self.cfg.max_steps)
+        """One optimizer step of ``grad_accum`` micro-batches per rank; returns the mean loss.
+
+        A step whose loss or gradient is non-finite on any rank is skipped on all ranks,
+        counted, and redone on the next batches; ``max_bad_steps`` in a row stop the run.
+        """
+        self._lr = lr_at(self.schedule, self.step, self.tokens, self.cfg.max_steps)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        self._lr = lr
-        losses: list[float] = []
-        bad_in_a_row = 0
-        step_tokens = 0
-        while len(losses) < self.grad_accum:
-            loss, tokens, skipped = self._micro_batch()
-            if skipped:
-                self.skipped += 1
-                bad_in_a_row += 1
-                if self.rank0:
-                    print(f"warning: non-finite loss at step {self.step} (batch {self.batches_drawn}); skipped", flush=True)
-                if bad_in_a_row >= self.cfg.max_bad_steps:
-                    raise LladaError(
-                        f"{bad_in_a_row} non-finite losses in a row at step {self.step}: stopping "
-                        "(lower the learning rate or inspect the data); the last checkpoint is intact"
-                    )
-                continue
-            bad_in_a_row = 0
-            losses.append(loss)
-            step_tokens += tokens
+            group["lr"] = self._lr
+        while True:
+            verdict, skipped = self._attempt()
+            self._stop_requested = verdict.stop_requested
+            if skipped and self.rank0:
+                print(f"warning: non-finite loss or gradient in step {self.step + 1} "
+                      f"(up to batch {self.batches_drawn}); step skipped", flush=True)
+            self.bad_steps.record(skipped, self.step)
+            if not skipped:
+                break
         self.step += 1
         # tokens the model actually saw (SFT batches and 1% cuts are shorter than seq_len)
-        mean_loss, mean_tokens = all_ranks_mean([sum(losses) / len(losses), step_tokens], self.dist.device)
-        self.tokens += mean_tokens * self.dist.world_size
-        return mean_loss
+        self.tokens += verdict.tokens
+        return verdict.mean_loss
 
+    def _grad_norm_value(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        norm = self._grad_norm if norm is None else norm
+        return math.nan if norm is None else float(norm)
+
+    def _validate(self, meter: ThroughputMeter) -> dict[str, float]:
+        """Validation metrics at every ``eval_every``-th and the last step, else {}.
+
+        Its time is left out of the throughput window; it reads no training RNG or batch.
+        """
+        every = self.cfg.eval_every
+        if self.validator is None or not every:
+            return {}
+        if self.step % every and self.step < self.cfg.max_steps:
+            return {}
+        start = time.perf_counter()
+        out = self.validator.run(self.engine).metrics()
+        meter.exclude(time.perf_counter() - start)
+        return out
+
+    # ---- the loop ----------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Run to ``max_steps`` (resuming if a checkpoint exists), save, export."""
-        install_preemption_handlers()
         resumed = self.maybe_resume()
         start_step = self.step
         logged: list[float] = []
         preempted = False
-        fpt = flops_per_token(self.model_cfg, self.cfg.seq_len, self.n_params)
+        on_cuda = self.dist.device.type == "cuda"  # MFU means nothing on CPU: not reported
+        meter = ThroughputMeter(
+            self.cfg.global_batch_size,
+            self.dist.world_size,
+            flops_per_token(self.model_cfg, self.cfg.seq_len) if on_cuda else None,
+            self.cfg.peak_flops_per_device,
+        )
         bar = tqdm(
             total=self.cfg.max_steps,
             initial=self.step,
@@ -247,50 +285,50 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        t0, tokens0, step0 = time.perf_counter(), self.tokens, self.step
+        meter.restart(self.step, self.tokens)
         while self.step < self.cfg.max_steps:
             loss = self.train_step()
             logged.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            first = self.step == step0 + 1 and not logged[:-1]
-            if first or self.step % self.logging.log_every == 0 or self.step == self.cfg.max_steps:
-                dt = time.perf_counter() - t0
-                tok_s = (self.tokens - tokens0) / max(dt, 1e-9)
-                grad_norm = self.engine.get_global_grad_norm()
-                grad_norm = self._grad_norm if grad_norm is None else grad_norm
+            first = len(logged) == 1
+            val = self._validate(meter)  # merged into the step's record: every row has a loss
+            at_end = self.step == self.cfg.max_steps
+            if val or first or self.step % self.logging.log_every == 0 or at_end:
                 self.metrics.log(
                     self.step,
                     {
                         "loss": loss,
                         "lr": self._lr,
-                        "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                        "tokens_per_s": tok_s,
-                        "samples_per_s": (self.step - step0) * self.cfg.global_batch_size / max(dt, 1e-9),
-                        "mfu": tok_s * fpt / (self.cfg.peak_flops_per_device * self.dist.world_size),
+                        "grad_norm": self._grad_norm_value(),
+                        **meter.report(self.step, self.tokens),
                         "mem_gib": memory_gib(self.dist.device),
                         "tokens": self.tokens,
-                        "skipped_batches": self.skipped,
-                        "step_time_s": dt / max(1, self.step - step0),
+                        "skipped_steps": self.bad_steps.skipped,
+                        **val,
                     },
-                    echo=not self.logging.progress_bar,
+                    echo=not self.logging.progress_bar or bool(val),
                 )
-                t0, tokens0, step0 = time.perf_counter(), self.tokens, self.step
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
+            every = self.cfg.save_every
+            if every and self.step % every == 0 and self.step < self.cfg.max_steps:
                 self.save()
-            if all_ranks_any(bool(_PREEMPTION_SIGNALS), self.dist.device):
+            if self._stop_requested:  # agreed by all ranks in the step's one all-reduce
                 if self.rank0:
-                    print(f"pre-emption signal received: checkpointing at step {self.step}", flush=True)
+                    print(f"pre-emption signal received: checkpointing at step {self.step}",
+                          flush=True)
                 preempted = True
                 break
         bar.close()
         if self.step > start_step or not resumed:
             self.save()
-        elif self.rank0:  # e.g. a finished run started again: its checkpoint is already the last word
-            print(f"nothing to train since the checkpoint at step {self.step}: not saving it again", flush=True)
+        elif self.rank0:  # e.g. a finished run started again: its checkpoint is the last word
+            print(f"nothing to train since the checkpoint at step {self.step}: "
+                  "not saving it again", flush=True)
         if not preempted and self.cfg.export_at_end:
-            out = self.run_dir / "export"
-            ckpt.export_from_engine(self.engine, self.zero_stage, self.model_cfg, out, self.tokenizer)
+            out = self.run.run_dir / "export"
+            ckpt.export_from_engine(
+                self.engine, self.zero_stage, self.model_cfg, out, self.run.tokenizer
+            )
             if self.rank0:
                 print(f"exported model (safetensors + config.json) to {out}", flush=True)
         self.metrics.close()

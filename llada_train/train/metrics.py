@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,43 @@ import torch
 from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
 
-SECRET_MARKERS = ("key", "token", "secret", "password")
+# Config key names that hold credentials, matched whole (case-insensitive): a substring test
+# would also drop ``schedule.total_tokens`` or ``data.tokenizer``.
+SECRET_NAMES = frozenset({
+    "api_key", "apikey", "key", "secret", "secret_key", "client_secret", "password", "passwd",
+    "token", "access_token", "auth_token", "bearer_token", "refresh_token", "private_key",
+    "wandb_api_key", "wandb_key", "hf_token", "huggingface_token", "hub_token", "github_token",
+})
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12·layers·d·L for attention scores."""
-    return 6.0 * n_params + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+@dataclass
+class LoggingConfig:
+    """Where metrics go: stdout and ``metrics.jsonl`` always, wandb per ``wandb_mode``."""
+
+    log_every: int = 10
+    wandb_mode: str = "disabled"  # "disabled", "offline" or "online"
+    wandb_project: str = "llada-train"
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None
+    progress_bar: bool = True
+
+
+def non_embedding_parameters(cfg: ModelConfig) -> int:
+    """Parameters that take part in matmuls: all but the embedding table (a lookup).
+
+    The output head is a matmul and counts; norm weights count too (as in torchtitan).
+    """
+    hd = cfg.head_dim
+    attn = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # q, k, v, out
+    mlp = 3 * cfg.d_model * cfg.mlp_hidden_size
+    norms = 2 * cfg.d_model
+    return cfg.n_layers * (attn + mlp + norms) + cfg.d_model + cfg.d_model * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, the torchtitan / OLMo-core convention:
+    6 x non-embedding parameters + 12 x layers x d_model x seq_len (attention scores)."""
+    return 6.0 * non_embedding_parameters(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 
 def memory_gib(device: torch.device) -> float:
@@ -28,14 +61,63 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def is_secret_name(key: str) -> bool:
+    """True for a credential's key name (``api_key``, ``hf_token``, ``password`` ...)."""
+    return key.lower() in SECRET_NAMES
+
+
 def scrub_secrets(config: dict[str, Any]) -> dict[str, Any]:
-    """Drop any config entry whose name looks like a credential before it is logged."""
+    """Drop the config entries named like credentials (at any depth) before they are logged."""
     clean: dict[str, Any] = {}
     for k, v in config.items():
-        if any(m in k.lower() for m in SECRET_MARKERS) and not k.endswith("_id"):
+        if is_secret_name(str(k)):
             continue
         clean[k] = scrub_secrets(v) if isinstance(v, dict) else v
     return clean
+
+
+class ThroughputMeter:
+    """Tokens/s, samples/s, step time and (on CUDA only) MFU over the window since the last report.
+
+    ``flops_per_token`` None turns MFU off: on CPU the figure means nothing, so it is neither
+    printed nor logged. MFU = tokens/s x FLOPs per token / (peak FLOPs x devices).
+    """
+
+    def __init__(
+        self,
+        global_batch_size: int,
+        world_size: int,
+        flops_per_token: float | None = None,
+        peak_flops_per_device: float = 989e12,
+    ) -> None:
+        self.global_batch_size, self.world_size = global_batch_size, world_size
+        self.flops_per_token, self.peak = flops_per_token, peak_flops_per_device
+        self.restart(0, 0.0)
+
+    def restart(self, step: int, tokens: float, now: float | None = None) -> None:
+        """Open a new window at ``step`` with ``tokens`` seen so far."""
+        self._t0 = time.perf_counter() if now is None else now
+        self._step0, self._tokens0 = step, tokens
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` spent outside training (validation) out of the current window."""
+        self._t0 += seconds
+
+    def report(self, step: int, tokens: float) -> dict[str, float]:
+        """Rates over the window ending now at ``step`` / ``tokens``; opens the next window."""
+        now = time.perf_counter()
+        dt = max(now - self._t0, 1e-9)
+        steps = max(1, step - self._step0)
+        tok_s = (tokens - self._tokens0) / dt
+        out = {
+            "tokens_per_s": tok_s,
+            "samples_per_s": (step - self._step0) * self.global_batch_size / dt,
+            "step_time_s": dt / steps,
+        }
+        if self.flops_per_token is not None:
+            out["mfu"] = tok_s * self.flops_per_token / (self.peak * self.world_size)
+        self.restart(step, tokens, now)
+        return out
 
 
 class MetricsLogger:
@@ -45,28 +127,26 @@ class MetricsLogger:
         self,
         run_dir: Path,
         enabled: bool,
-        wandb_mode: str = "disabled",
-        wandb_project: str = "llada-train",
-        wandb_entity: str | None = None,
-        wandb_run_name: str | None = None,
+        cfg: LoggingConfig | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
+        cfg = cfg or LoggingConfig()
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
         if not enabled:
             return
-        if wandb_mode not in ("disabled", "offline", "online"):
-            raise LladaError(f"logging.wandb_mode={wandb_mode!r}; use disabled, offline or online")
-        if wandb_mode != "disabled":
+        if cfg.wandb_mode not in ("disabled", "offline", "online"):
+            raise LladaError(f"logging.wandb_mode={cfg.wandb_mode!r}; use disabled, offline or online")
+        if cfg.wandb_mode != "disabled":
             import wandb
 
             os.environ.setdefault("WANDB_DIR", str(run_dir))  # keep wandb files in the run dir
             self._wandb = wandb.init(
-                project=wandb_project,
-                entity=wandb_entity,
-                name=wandb_run_name or Path(run_dir).name,
-                mode=wandb_mode,
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                name=cfg.wandb_run_name or Path(run_dir).name,
+                mode=cfg.wandb_mode,
                 config=scrub_secrets(config or {}),
                 dir=str(run_dir),
                 resume="allow",

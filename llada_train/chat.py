@@ -1,5 +1,7 @@
 """The LLaDA chat template (SPEC §1) as token ids, and the multi-turn split into SFT pairs (SPEC §3).
 
+The one template of the project: SFT records (``data_pipelines.sft_records``) and inference
+prompts (``llada_train.eval.text.TextCodec`` with ``chat=true``) are both rendered here.
 Text between special tokens is encoded segment by segment, which is what a HF
 tokenizer does to the rendered template string (special tokens split the input), so
 these ids equal ``apply_chat_template`` on the released tokenizer.
@@ -17,7 +19,8 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class ChatTemplate:
-    """Token strings of the template; defaults are the released LLaDA tokenizer's."""
+    """Token strings of the template (configuration, never ids); defaults are the released
+    LLaDA tokenizer's."""
 
     bos: str = "<|startoftext|>"
     header_start: str = "<|start_header_id|>"
