@@ -124,13 +124,30 @@ def test_config_typo_fails_with_hydras_message(tmp_path):
     assert "max_stepz" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("override", ["+trainer.max_stepz=3", "+logging.api_key=SECRET-7f3a91"])
+def test_keys_appended_past_the_schema_are_refused_before_anything_is_written(tmp_path, override):
+    # Hydra's '+' appends a key the schema does not know: a typo would be ignored and a
+    # credential written to config.yaml; both must stop with one line, the value nowhere
+    run_dir = tmp_path / "r"
+    proc = cli("llada-pretrain", [f"run_dir={run_dir}", override], check=False)
+    line = _one_error_line(proc)
+    assert override[1:].split("=")[0] in line and "is not a setting of" in line
+    written = [p for p in run_dir.rglob("*") if p.is_file()] if run_dir.exists() else []
+    assert not any("SECRET-7f3a91" in p.read_text(errors="ignore") for p in written), written
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / ".hydra").exists()
+
+
 def test_wandb_offline_writes_into_the_run_dir_and_logs_no_secrets(tmp_path, demo_data, monkeypatch):
     run_dir = tmp_path / "w"
+    fake_key = "0123456789abcdef" * 2 + "fa11ed00"  # 40 hex characters, like a wandb key
+    monkeypatch.setenv("WANDB_API_KEY", fake_key)  # credentials come from the environment only
     cli("llada-pretrain", [f"run_dir={run_dir}", *data_overrides(demo_data), "trainer.max_steps=2",
                            "trainer.seq_len=32", "logging.wandb_mode=offline", "logging.progress_bar=false"])
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert (run_dir / "wandb_id.txt").read_text().strip() in runs[0].name
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and fake_key.encode() in p.read_bytes()]
+    assert not leaked, leaked
 
 
 def test_scrub_secrets_drops_credentials_but_keeps_token_ids():

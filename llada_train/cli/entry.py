@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from llada_train.config import CONF_DIR
+from llada_train.schema import stray_keys
 
 
 def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
@@ -18,6 +20,11 @@ def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable
 
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)
     def _main(cfg: DictConfig) -> None:
+        stray = stray_keys(cfg)
+        if stray:  # before the task writes anything: a typo or a credential never lands
+            print(f"error: {stray[0]}: remove it (check its spelling; '+' appends keys the "
+                  "schema does not know)", file=sys.stderr, flush=True)
+            sys.exit(2)
         task(cfg)
 
     def main() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +13,7 @@ from llada_train.chat import ChatTemplate
 from llada_train.errors import LladaError
 from llada_train.eval.decode import DecodeConfig, method_of, register_decode_schemas
 from llada_train.eval.perplexity import PerplexityConfig
+from llada_train.schema import stray_keys
 
 
 @dataclass
@@ -65,21 +65,6 @@ def register_eval_configs() -> None:
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     register_decode_schemas()
-
-
-def stray_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    """Keys of typed nodes that their dataclass lacks: what ``+decode.steps=3`` appends past
-    the strict schema (OmegaConf would keep it as an attribute the sampler never reads)."""
-    typ = OmegaConf.get_type(node)
-    names = {f.name for f in dataclasses.fields(typ)} if dataclasses.is_dataclass(typ) else None
-    out: list[str] = []
-    for key, value in node.items_ex(resolve=False):
-        path = f"{prefix}{key}"
-        if names is not None and key not in names:
-            out.append(f"{path} is not a setting of {typ.__name__}")
-        elif isinstance(value, DictConfig):
-            out += stray_keys(value, path + ".")
-    return out
 
 
 def to_schema(cfg: DictConfig) -> Any:
