@@ -64,6 +64,7 @@ bench: dev
 	$(PY) benchmarks/data_bench.py
 	$(PY) benchmarks/train_bench.py
 	$(PY) benchmarks/sample_bench.py  # trains its model: ~15 min on 2 CPU cores
+	$(PY) benchmarks/paper_mini.py --out runs/paper_mini  # ~13 min on 2 CPU cores
 
 # Re-resolve the newest allowed releases into constraints.txt (then run make test and commit).
 lock:

@@ -11,6 +11,8 @@
 # the task is passed to Hydra unchanged. The run resumes from run_dir/checkpoints/latest when
 # it exists. SIGUSR1 or SIGTERM to this script (its pid stays the launcher's: exec) makes
 # the ranks checkpoint at the end of the current step and exit (launch/torchrun_node.sh).
+# After SIGTERM the script prints the checkpoint step and exits 0; the ranks get
+# LLADA_TERM_GRACE_S seconds (default 600) to save, after which they are killed (exit 143).
 # Environment: see launch/env.sh (LLADA_PYTHON, LLADA_DEVICE, GPUS_PER_NODE), MASTER_PORT
 # (default: a free port).
 set -euo pipefail

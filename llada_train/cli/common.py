@@ -144,13 +144,20 @@ class Preflight:
     ds_json: dict[str, Any]  # rendered once: the model (ZeRO-3 builds partitioned) and the engine
 
 
-def preflight(cfg: DictConfig, world_size: int) -> Preflight:
+# (root config, resolved model config) -> None, raising LladaError: an entry point's own checks
+StartCheck = Callable[[DictConfig, ModelConfig], None]
+
+
+def preflight(cfg: DictConfig, world_size: int, check: StartCheck | None = None) -> Preflight:
     """Checks that need no process group: the architecture (``init_from``'s config.json),
-    the tokenizer against it, lengths, the objective against the model, batch arithmetic.
+    the tokenizer against it, lengths, the objective against the model, batch arithmetic,
+    and the entry point's ``check`` (SFT: ``init_from`` given, records that fit the model).
 
     Run before ``init_distributed`` so a mistake costs seconds, not a DeepSpeed start-up.
     """
     model_cfg = resolve_model_config(OmegaConf.to_object(cfg.model), cfg.init_from)
+    if check is not None:
+        check(cfg, model_cfg)
     if cfg.data.tokenizer:
         check_tokenizer_fits(load_tokenizer(cfg.data.tokenizer), model_cfg, cfg.data.tokenizer)
     trainer_cfg: TrainerConfig = OmegaConf.to_object(cfg.trainer)
@@ -178,11 +185,19 @@ def preflight(cfg: DictConfig, world_size: int) -> Preflight:
     return Preflight(model_cfg, trainer_cfg, optim_cfg, ds_cfg, ds_json)
 
 
+def _one_line(exc: LladaError) -> str:
+    """The error's own line; a dataloader worker's error arrives wrapped in its traceback."""
+    text = str(exc)
+    if text.startswith("Caught LladaError"):  # torch re-raises it as "Caught ...\n<traceback>"
+        text = text.rstrip().splitlines()[-1].split("LladaError: ", 1)[-1]
+    return text
+
+
 def _fail(exc: LladaError, rank: int, world_size: int, every_rank: bool) -> NoReturn:
     """One ``error:`` line on stderr, exit code 2; a mistake every rank makes prints once."""
     if every_rank or rank == 0:
         prefix = f"[rank {rank}] " if world_size > 1 and every_rank else ""
-        print(f"error: {prefix}{exc}", file=sys.stderr, flush=True)
+        print(f"error: {prefix}{_one_line(exc)}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -190,17 +205,19 @@ def run_training(
     cfg: DictConfig,
     build_reader: ReaderBuilder,
     make_objective: ObjectiveBuilder = default_objective,
+    check: StartCheck | None = None,
 ) -> TrainResult:
     """Build model, data, objective and trainer from the root config, then train.
 
-    ``make_objective`` is a seam for tests (e.g. one that injects non-finite losses).
+    ``make_objective`` is a seam for tests (e.g. one that injects non-finite losses);
+    ``check`` runs in ``preflight``, before any process group.
     """
     # first, so a pre-emption signal during start-up is remembered rather than fatal
     preemption = PreemptionFlag.install()
     # torchrun / the deepspeed launcher / srun set these before the process group exists
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        pre = preflight(cfg, world)
+        pre = preflight(cfg, world, check)
     except LladaError as exc:
         _fail(exc, rank, world, every_rank=False)
     model_cfg, trainer_cfg, optim_cfg, ds_cfg, ds_json = (

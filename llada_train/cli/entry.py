@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -11,6 +14,34 @@ from omegaconf import DictConfig
 
 from llada_train.config import CONF_DIR
 from llada_train.schema import stray_keys
+
+# entry points whose config has a run_dir (Hydra makes it its output folder before our code runs)
+RUN_DIR_CONFIGS = ("pretrain", "sft")
+# flags that only print: no run starts, so nothing is created
+PRINT_ONLY = ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg")
+
+
+def run_dir_problem(argv: list[str]) -> str | None:
+    """Why the ``run_dir=`` given on the command line cannot be used, or None.
+
+    Checked before Hydra, which creates the folder first and dies with a traceback.
+    """
+    if any(a in PRINT_ONLY or a.startswith("--cfg=") for a in argv):
+        return None
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("run_dir=")]
+    if not given or not given[-1] or "${" in given[-1]:  # interpolations resolve later
+        return None
+    run_dir = Path(given[-1])
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        return (
+            f"run_dir {run_dir} cannot be created or written ({exc.strerror or exc}): "
+            "choose another run_dir or fix its permissions"
+        )
+    return None
 
 
 def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
@@ -28,6 +59,11 @@ def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable
         task(cfg)
 
     def main() -> None:
+        problem = run_dir_problem(sys.argv[1:]) if config_name in RUN_DIR_CONFIGS else None
+        if problem:
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node under torchrun
+                print(f"error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(2)
         _main()
 
     main.__doc__ = f"Console entry point for conf/{config_name}.yaml."

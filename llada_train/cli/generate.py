@@ -1,16 +1,21 @@
 """``llada-generate``: complete prompts with any sampler (Hydra config ``conf/generate.yaml``).
 
     llada-generate model_path=runs/demo/sft/export 'prompts=["2 plus 5 is"]' decode=med
+
+Prompts with newlines: prompt_file=x.jsonl (one {"prompt": "..."} per line), or
+prompt_escapes=true to read \\n in ``prompts`` as a newline.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from llada_train.cli.entry import hydra_entry
+from llada_train.data.jsonl import iter_jsonl_rows
 from llada_train.errors import LladaError, exit_on_error
 from llada_train.eval.config import GenerateConfig, register_eval_configs, to_schema
 from llada_train.eval.decode import decode_batch
@@ -20,16 +25,44 @@ from llada_train.sample import left_pad
 register_eval_configs()
 
 
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(prompt: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` as newline, tab and backslash; other backslashes stay."""
+    return re.sub(r"\\([nt\\])", lambda m: ESCAPES[m[1]], prompt)
+
+
+def jsonl_prompts(path: Path) -> list[str]:
+    """The ``prompt`` string of each line of a JSONL file (errors name the line)."""
+    prompts = []
+    for lineno, row in iter_jsonl_rows(path):
+        if not isinstance(row.get("prompt"), str):
+            raise LladaError(
+                f"{path} line {lineno} has no \"prompt\" string: write one "
+                '{"prompt": "..."} object per line'
+            )
+        prompts.append(row["prompt"])
+    return prompts
+
+
 def read_prompts(cfg: GenerateConfig) -> list[str]:
-    """``prompts`` plus the non-empty lines of ``prompt_file``."""
-    prompts = list(cfg.prompts)
+    """``prompts`` (escapes decoded with ``prompt_escapes``) plus those of ``prompt_file``:
+    a .jsonl file's ``prompt`` fields, or another file's non-empty lines."""
+    prompts = [unescape(p) if cfg.prompt_escapes else p for p in cfg.prompts]
     if cfg.prompt_file:
         path = Path(cfg.prompt_file)
         if not path.exists():
             raise LladaError(f"prompt_file {path} not found")
-        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            prompts += jsonl_prompts(path)
+        else:
+            prompts += [line for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise LladaError("no prompts: pass 'prompts=[\"...\"]' or prompt_file=<file with one prompt per line>")
+        raise LladaError(
+            "no prompts: pass 'prompts=[\"...\"]' or prompt_file=<.jsonl of {\"prompt\": ...} "
+            "lines, or a file with one prompt per line>"
+        )
     return prompts
 
 

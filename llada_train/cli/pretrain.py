@@ -15,10 +15,10 @@ register_configs()
 def pretrain_reader(
     data_cfg: PretrainDataConfig, model_cfg: ModelConfig, req: ReaderRequest
 ) -> tuple[Reader, ReaderInfo]:
-    """Token-shard windows of ``seq_len`` for this rank."""
+    """Token-shard windows of ``seq_len`` for this rank, ids checked against the model's vocabulary."""
     return build_pretrain_reader(
         data_cfg, req.seq_len, req.micro_batch_size, req.seed, req.rank, req.world_size,
-        eos_token_id=model_cfg.eos_token_id,
+        eos_token_id=model_cfg.eos_token_id, vocab_size=model_cfg.vocab_size,
     )
 
 

@@ -105,6 +105,25 @@ def load_sft_manifest(path: str | Path, verify_checksums: bool = False) -> dict[
     return m
 
 
+def check_record_lengths(path: str, limit: int) -> None:
+    """Raise naming the first record of ``path`` longer than ``limit`` (the model's
+    ``max_sequence_length``): the manifest's ``max_record_length`` says whether to look."""
+    m = load_sft_manifest(path)
+    if int(m.get("max_record_length", limit + 1)) <= limit:
+        return
+    f = m["files"]["offsets"]
+    offsets = np.memmap(manifest_path(path).parent / f["file"], dtype=f["dtype"], mode="r")
+    lengths = np.diff(offsets.astype(np.int64))  # (num_records,)
+    over = np.flatnonzero(lengths > limit)
+    if len(over):
+        i = int(over[0])
+        raise LladaError(
+            f"SFT record {i} of {path} has {int(lengths[i])} tokens, more than the model's "
+            f"max_sequence_length={limit} ({len(over)} such records): rebuild the records with "
+            f"llada-sft-data --max-length {limit}"
+        )
+
+
 def _record_source(records: SFTRecords, first: int, where: str) -> ValidationSource:
     """Records ``first ..`` of ``records`` as validation items (tokens, prompt length)."""
 

@@ -39,7 +39,12 @@ class GenerateConfig(ModelSourceConfig):
     """Root of ``conf/generate.yaml``: complete prompts and print them with their NFE."""
 
     prompts: list[str] = field(default_factory=list)
-    prompt_file: str | None = None  # one prompt per line, added to ``prompts``
+    # added to ``prompts``: .jsonl, one {"prompt": "..."} per line (prompts may hold newlines);
+    # any other file, one prompt per non-empty line
+    prompt_file: str | None = None
+    # true: \n, \t and \\ in ``prompts`` become newline, tab and backslash. Off by default,
+    # since a prompt may mean a literal backslash (code); Hydra itself keeps them literal.
+    prompt_escapes: bool = False
     decode: DecodeConfig = MISSING  # a conf/decode option: decode=<method>
 
 

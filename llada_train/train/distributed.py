@@ -69,6 +69,13 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if device.type == "cpu":
+            # DeepSpeed JIT-compiles its shared-memory all-reduce op (~90 s on 2 cores) at every
+            # CPU start in a new environment; it serves only DeepSpeed-inference all-reduce,
+            # while training's collectives go through torch.distributed (gloo)
+            ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+            if isinstance(ops, dict):
+                ops["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
