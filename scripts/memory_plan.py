@@ -20,12 +20,18 @@ figures come from benchmarks/gpu_bench.py.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+from llada_train.model.config import ModelConfig  # noqa: E402
+from llada_train.train.metrics import non_embedding_parameters  # noqa: E402
+
 GB = 1e9
 
 
@@ -47,9 +53,12 @@ class Shape:
 
     @property
     def params(self) -> int:
-        hd = self.d // self.heads
-        block = self.d * hd * (2 * self.heads + 2 * self.kv_heads) + 3 * self.d * self.mlp + 2 * self.d
-        return self.layers * block + self.d + 2 * self.d * self.vocab
+        """All parameters: the MFU count's non-embedding ones plus the embedding table."""
+        cfg = ModelConfig(d_model=self.d, n_layers=self.layers, n_heads=self.heads,
+                          n_kv_heads=self.kv_heads, mlp_hidden_size=self.mlp,
+                          vocab_size=self.vocab, mask_token_id=0, eos_token_id=0,
+                          pad_token_id=0, bos_token_id=0)
+        return non_embedding_parameters(cfg) + self.d * self.vocab
 
 
 def model_states_gb(params: int, stage: int, gpus: int) -> float:

@@ -22,6 +22,7 @@ from llada_train.config import to_container
 from llada_train.data import check_vocab
 from llada_train.data.stream import Reader, ReaderInfo
 from llada_train.diffusion import ObjectiveConfig, build_objective
+from llada_train.diffusion.ar import require_causal
 from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
 from llada_train.tokenizer import check_tokenizer_fits, load_tokenizer
@@ -166,11 +167,8 @@ def preflight(cfg: DictConfig, world_size: int, check: StartCheck | None = None)
             f"trainer.seq_len={trainer_cfg.seq_len} exceeds model.max_sequence_length="
             f"{model_cfg.max_sequence_length}: shorten trainer.seq_len"
         )
-    if cfg.objective.name == "ar" and not model_cfg.causal:
-        raise LladaError(
-            "objective=ar needs a causal model: set model.causal=true "
-            "(a bidirectional model sees the token it predicts)"
-        )
+    if cfg.objective.name == "ar":
+        require_causal(model_cfg)
     optim_cfg: OptimConfig = OmegaConf.to_object(cfg.optim)
     ds_cfg: DeepSpeedConfig = OmegaConf.to_object(cfg.deepspeed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as init_distributed

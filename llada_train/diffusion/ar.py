@@ -48,6 +48,15 @@ def ar_targets(
     return targets, predicted
 
 
+
+def require_causal(model_cfg: Any) -> None:
+    """``objective=ar`` trains only a causal model (checked at start-up and at each call)."""
+    if not model_cfg.causal:
+        raise LladaError(
+            "objective=ar needs a causal model: set model.causal=true "
+            "(a bidirectional model sees the token it predicts)"
+        )
+
 class ARObjective:
     """Next-token CE averaged over the predicted tokens of the (micro-)batch.
 
@@ -62,11 +71,7 @@ class ARObjective:
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], generator: Any = None) -> LossOutput:
         inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
         cfg = inner.config
-        if not cfg.causal:
-            raise LladaError(
-                "objective=ar needs a causal model: set model.causal=true "
-                "(a bidirectional model sees the token it predicts)"
-            )
+        require_causal(cfg)
         x = batch["input_ids"]  # (B, L)
         B, L = x.shape
         targets, predicted = ar_targets(
