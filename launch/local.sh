@@ -9,10 +9,10 @@
 #
 # N defaults to the GPU count (1 on CPU). The task defaults to pretrain. Everything after
 # the task is passed to Hydra unchanged. The run resumes from run_dir/checkpoints/latest when
-# it exists. SIGUSR1 or SIGTERM to this script (its pid stays the launcher's: exec) makes
-# the ranks checkpoint at the end of the current step and exit (launch/torchrun_node.sh).
-# After SIGTERM the script prints the checkpoint step and exits 0; the ranks get
-# LLADA_TERM_GRACE_S seconds (default 600) to save, after which they are killed (exit 143).
+# it exists. SIGUSR1 or SIGTERM to this script (its pid becomes llada-torchrun's: exec) makes
+# the ranks checkpoint at the end of the current step and exit; it ends with one line naming
+# the checkpoint and exit code 0. The ranks get LLADA_TERM_GRACE_S seconds (default 600) to
+# save, after which they are killed (exit 128 + N). See launch/torchrun_node.sh.
 # Environment: see launch/env.sh (LLADA_PYTHON, LLADA_DEVICE, GPUS_PER_NODE), MASTER_PORT
 # (default: a free port).
 set -euo pipefail

@@ -1,6 +1,8 @@
-"""SIGTERM to ``launch/local.sh`` (the torchrun wrapper): the ranks are signalled directly,
-checkpoint and exit; the launcher ends with one line naming the checkpoint and exit code 0,
-no torchrun traceback; ranks that outlive ``LLADA_TERM_GRACE_S`` are killed (exit 143)."""
+"""SIGTERM to ``launch/local.sh`` (the torchrun wrapper), alone (srun forwarding) or with every
+process of the job (SLURM's proctrack/cgroup: scancel, the time limit): the ranks checkpoint
+and exit; the launcher ends with one line naming the checkpoint and exit code 0, no torchrun
+traceback (ranks that outlive the grace: tests/test_torchrun.py). Bad input under the
+launcher is the rank's one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import re
 import signal
 import subprocess
 
+import psutil
 import pytest
 
 from tests.launch_utils import metrics
@@ -35,13 +38,24 @@ def wait_exit(proc: subprocess.Popen, log, timeout: float = 300) -> str:
     return log.read_text()
 
 
-def test_sigterm_checkpoints_and_ends_with_one_line(demo_data, tmp_path):
+def sigterm(proc: subprocess.Popen, every_process: bool) -> None:
+    """SIGTERM to the launcher, or at once to it and all it started (the ranks)."""
+    targets = [psutil.Process(proc.pid)]
+    if every_process:
+        targets += targets[0].children(recursive=True)
+        assert len(targets) >= 3, targets  # llada-torchrun and two ranks
+    for p in targets:
+        p.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("every_process", [False, True], ids=["launcher", "every-process"])
+def test_sigterm_checkpoints_and_ends_with_one_line(demo_data, tmp_path, every_process):
     run_dir = tmp_path / "run"
     cmd, env = local_job(demo_data, run_dir)
     log = tmp_path / "job.log"
     with job(cmd, env, log) as proc:
         wait_for_steps(proc, run_dir, log, 2)
-        proc.send_signal(signal.SIGTERM)  # local.sh exec's the torchrun wrapper: same pid
+        sigterm(proc, every_process)  # local.sh exec's the torchrun wrapper: same pid
         out = wait_exit(proc, log)
     assert proc.returncode == 0, out[-5000:]
     assert "Traceback" not in out and "SignalException" not in out, out[-5000:]
@@ -50,7 +64,7 @@ def test_sigterm_checkpoints_and_ends_with_one_line(demo_data, tmp_path):
     latest = f"step_{step:08d}"
     assert (run_dir / "checkpoints" / "latest").read_text() == latest
     assert re.search(r"\] SIGTERM: asking the ranks to checkpoint and exit "
-                     r"\(within LLADA_TERM_GRACE_S=600 s\)", out)
+                     r"\(within 600 s, --shutdown-timeout\)", out)
     last = out.rstrip().splitlines()[-1]
     assert re.fullmatch(
         rf"\[.+\] SIGTERM: training stopped with checkpoint {latest} in {run_dir}/checkpoints; "
@@ -59,18 +73,16 @@ def test_sigterm_checkpoints_and_ends_with_one_line(demo_data, tmp_path):
     assert run_info(run_dir)[0]["world_size"] == 2
 
 
-def test_ranks_outliving_the_grace_are_killed(demo_data, tmp_path):
-    run_dir = tmp_path / "run"
-    # a zero grace: the ranks are killed at once instead of being asked to save
-    cmd, env = local_job(demo_data, run_dir, LLADA_TERM_GRACE_S="0")
+def test_bad_batch_arithmetic_is_the_ranks_one_line(demo_data, tmp_path):
+    cmd, env = local_job(demo_data, tmp_path / "run")
+    cmd += ["trainer.global_batch_size=6"]  # 2 ranks x micro batch 2 = 4 does not divide it
     log = tmp_path / "job.log"
     with job(cmd, env, log) as proc:
-        wait_for_steps(proc, run_dir, log, 2)
-        proc.send_signal(signal.SIGTERM)
         out = wait_exit(proc, log)
-    assert proc.returncode == 143, out[-5000:]
-    assert "pre-emption signal received" not in out and "Traceback" not in out, out[-5000:]
-    last = out.rstrip().splitlines()[-1]
-    assert re.fullmatch(
-        rf"\[.+\] SIGTERM: the ranks did not exit within LLADA_TERM_GRACE_S=0 s and were killed; "
-        rf"the last complete checkpoint is none in {run_dir}/checkpoints", last), last
+    assert proc.returncode == 2, out[-5000:]
+    assert [ln for ln in out.splitlines() if ln.startswith("error:")] == [
+        "error: trainer.global_batch_size=6 is not a multiple of trainer.micro_batch_size=2 x "
+        "world size 2 = 4: pick a global batch divisible by 4"
+    ], out[-5000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-5000:]
+    assert not (tmp_path / "run" / "run_info.jsonl").exists()

@@ -3,6 +3,7 @@ that names the file, never safetensors' bare error or a traceback, and is never 
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from llada_train.errors import LladaError
 from llada_train.model.checkpoint import SINGLE_NAME, load_pretrained, read_config, save_pretrained
 from llada_train.model.config import ModelConfig
 from llada_train.model.transformer import LLaDAModel
+from llada_train.train.build import check_init_from
 from tests.launch_utils import cli
 from tests.test_checkpoint_security import Payload, one_error_line
 
@@ -76,6 +78,8 @@ def test_init_from_a_pickle_named_safetensors_is_one_clear_line(good_folder, dem
     line = one_error_line(proc)
     assert line.startswith(f"error: {folder / SINGLE_NAME} is not a readable safetensors file")
     assert not (tmp_path / "ran").exists()
+    # found from the headers before any process group (rank 0 writes run_info.jsonl after it)
+    assert not (tmp_path / "run" / "run_info.jsonl").exists()
 
 
 def test_a_truncated_shard_index_is_one_line(good_folder, tmp_path):
@@ -86,3 +90,18 @@ def test_a_truncated_shard_index_is_one_line(good_folder, tmp_path):
     index.write_text(index.read_text()[:40])
     with pytest.raises(LladaError, match=f"^{index} is not a valid safetensors index"):
         load_pretrained(folder)
+
+
+def test_weights_that_do_not_fit_config_json_are_found_from_the_headers(good_folder, tmp_path):
+    folder = tmp_path / "mismatch"
+    folder.mkdir()
+    (folder / SINGLE_NAME).write_bytes((good_folder / SINGLE_NAME).read_bytes())
+    cfg = read_config(good_folder)
+    check_init_from(cfg, str(good_folder))  # the real pair passes
+    wider = dataclasses.replace(cfg, mlp_hidden_size=96)  # what a wrong config.json would say
+    with pytest.raises(LladaError) as err:
+        check_init_from(wider, str(folder))
+    assert str(err.value) == (
+        f"{folder / SINGLE_NAME}: model.transformer.blocks.0.ff_proj.weight has shape (64, 32) but "
+        "config.json implies (96, 32); config.json does not match the weights"
+    )

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from llada_train.data.sft import check_record_lengths
+from llada_train.data.sft import check_record_lengths, load_sft_manifest
 from llada_train.errors import LladaError
 from tests.launch_utils import cli
 
@@ -50,9 +50,10 @@ def one_error_line(proc) -> str:
 def test_record_length_check_names_the_first_long_record(demo_data):
     records = demo_data / "sft"
     longest = int(lengths(records).max())
-    check_record_lengths(str(records), longest)  # fits exactly
+    manifest = load_sft_manifest(records)
+    check_record_lengths(manifest, str(records), longest)  # fits exactly
     with pytest.raises(LladaError) as err:
-        check_record_lengths(str(records), longest - 10)
+        check_record_lengths(manifest, str(records), longest - 10)
     assert str(err.value) == record_line(records, longest - 10)
 
 

@@ -193,7 +193,7 @@ def test_sbatch_builds_one_torchrun_per_node_with_c10d_rendezvous(stub_python, t
         lines = (calls / f"call.{node}").read_text().splitlines()
         assert lines[0] == "env MASTER=nodeA:23456 DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="
         assert lines[1:] == [
-            "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=3", "--rdzv_backend=c10d",
+            "-m", "llada_train.cli.torchrun", "--nnodes=2", "--nproc_per_node=3", "--rdzv_backend=c10d",
             "--rdzv_endpoint=nodeA:23456", f"--rdzv_id=llada-{JOB_ID}-0", "--max_restarts=0",
             "-m", "llada_train.cli.pretrain", *overrides,
         ]
@@ -228,7 +228,7 @@ def test_local_and_deepspeed_command_lines(stub_python, tmp_path):
     assert lines[0] == "env MASTER=127.0.0.1:23457 DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="
     assert re.fullmatch(r"--rdzv_id=local-\d+", lines[7]), lines
     assert lines[1:7] + lines[8:] == [
-        "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=3", "--rdzv_backend=c10d",
+        "-m", "llada_train.cli.torchrun", "--nnodes=1", "--nproc_per_node=3", "--rdzv_backend=c10d",
         "--rdzv_endpoint=127.0.0.1:23457", "--max_restarts=0", "-m", "llada_train.cli.sft", "init_from=/m", "a=b c"]
 
     env.pop("MASTER_PORT")

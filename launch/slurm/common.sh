@@ -16,7 +16,10 @@
 #    The step in flight plus the checkpoint must fit in the lead time: raise the 120 for
 #    large models or slow file systems.
 # 3. SIGTERM (scancel, pre-emption by a higher-priority job) is forwarded the same way: the
-#    ranks checkpoint and exit, and the job is not requeued by this script.
+#    ranks checkpoint and exit, and the job is not requeued by this script. When SLURM
+#    signals every process of the step itself (proctrack/cgroup), torchrun ignores it and
+#    torchrun_node.sh still hands it to the ranks; SLURM's SIGKILL follows KillWait seconds
+#    later. `scancel --batch --signal=TERM JOB` signals only this script: no SIGKILL follows.
 #
 # Environment (export before sbatch; sbatch passes the submitting shell's environment):
 #   GPUS_PER_NODE, LLADA_PYTHON, LLADA_DEVICE   see launch/env.sh

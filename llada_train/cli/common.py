@@ -19,14 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from llada_train.atomic import write_text_atomic
 from llada_train.config import to_container
-from llada_train.data import check_vocab
 from llada_train.data.stream import Reader, ReaderInfo
 from llada_train.diffusion import ObjectiveConfig, build_objective
 from llada_train.diffusion.ar import require_causal
 from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
 from llada_train.tokenizer import check_tokenizer_fits, load_tokenizer
-from llada_train.train.build import build_model, resolve_model_config
+from llada_train.train.build import build_model, check_init_from, resolve_model_config
+from llada_train.train.checkpointing import check_resume_world_size, latest_tag
 from llada_train.train.distributed import (
     DeepSpeedConfig,
     DistInfo,
@@ -150,15 +150,18 @@ StartCheck = Callable[[DictConfig, ModelConfig], None]
 
 
 def preflight(cfg: DictConfig, world_size: int, check: StartCheck | None = None) -> Preflight:
-    """Checks that need no process group: the architecture (``init_from``'s config.json),
-    the tokenizer against it, lengths, the objective against the model, batch arithmetic,
-    and the entry point's ``check`` (SFT: ``init_from`` given, records that fit the model).
+    """Checks that need no process group: the architecture (``init_from``'s config.json and
+    its safetensors headers), the tokenizer against it, lengths, the objective against the
+    model, batch arithmetic, the entry point's ``check`` (the data's manifests against the
+    model; SFT also: ``init_from`` given, records that fit it), and the world size of a resume.
 
     Run before ``init_distributed`` so a mistake costs seconds, not a DeepSpeed start-up.
     """
     model_cfg = resolve_model_config(OmegaConf.to_object(cfg.model), cfg.init_from)
     if check is not None:
         check(cfg, model_cfg)
+    if cfg.init_from:
+        check_init_from(model_cfg, cfg.init_from)
     if cfg.data.tokenizer:
         check_tokenizer_fits(load_tokenizer(cfg.data.tokenizer), model_cfg, cfg.data.tokenizer)
     trainer_cfg: TrainerConfig = OmegaConf.to_object(cfg.trainer)
@@ -180,6 +183,9 @@ def preflight(cfg: DictConfig, world_size: int, check: StartCheck | None = None)
         optim_cfg.grad_clip,
         use_bf16(trainer_cfg.precision, device),
     )
+    tag = latest_tag(cfg.run_dir)  # a resume: can this world size continue it?
+    if tag is not None:
+        check_resume_world_size(cfg.run_dir, tag, world_size)
     return Preflight(model_cfg, trainer_cfg, optim_cfg, ds_cfg, ds_json)
 
 
@@ -231,7 +237,6 @@ def run_training(
             trainer_cfg.seq_len, trainer_cfg.micro_batch_size, cfg.seed, info.rank, info.world_size
         )
         reader, data_info = build_reader(cfg.data, model_cfg, request)
-        check_vocab(data_info.vocab_size, model_cfg.vocab_size, cfg.data.path)
         if trainer_cfg.epochs > 0:
             trainer_cfg.max_steps = steps_for_epochs(
                 trainer_cfg.epochs, data_info, trainer_cfg.global_batch_size

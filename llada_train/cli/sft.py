@@ -13,7 +13,7 @@ from llada_train.cli.common import ReaderRequest, StartCheck, run_training
 from llada_train.cli.entry import hydra_entry
 from llada_train.config import register_configs
 from llada_train.data import SFTDataConfig, build_sft_reader
-from llada_train.data.sft import check_record_lengths
+from llada_train.data.sft import check_sft_data
 from llada_train.data.stream import Reader, ReaderInfo
 from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
@@ -43,10 +43,7 @@ def sft_checks(random_init: bool) -> StartCheck:
                 "llada-sft needs init_from=<model folder> (our pretraining export or a local "
                 "LLaDA-8B-Base): set it, or init_from=none to fine-tune random weights on purpose"
             )
-        limit = model_cfg.max_sequence_length
-        for path in (cfg.data.path, cfg.data.val_path):
-            if path:
-                check_record_lengths(path, limit)
+        check_sft_data(cfg.data, model_cfg.vocab_size, model_cfg.max_sequence_length)
 
     return check
 

@@ -13,7 +13,7 @@ import torch
 
 from llada_train.data.config import PretrainDataConfig, SourceConfig
 from llada_train.data.heldout import ValidationSource, ValItem, carve_count
-from llada_train.data.manifest import check_tokenizer, load_shard_manifest
+from llada_train.data.manifest import check_tokenizer, check_vocab, load_shard_manifest
 from llada_train.data.stream import ReaderInfo, StreamReader
 from llada_train.errors import LladaError
 
@@ -172,11 +172,28 @@ def _source_list(cfg: PretrainDataConfig) -> list[SourceConfig]:
     return [SourceConfig(path=cfg.path, weight=1.0)]
 
 
+def _source_manifest(
+    path: str, cfg: PretrainDataConfig, vocab_size: int | None, verify_checksums: bool
+) -> tuple[dict, list[Path]]:
+    """A source's checked manifest and shard paths: files, tokenizer, vocabulary."""
+    m, paths = load_shard_manifest(path, verify_checksums)
+    check_tokenizer(m, cfg.tokenizer, f"in data source {path}")
+    if vocab_size is not None:
+        check_vocab(int(m["vocab_size"]), vocab_size, f"in data source {path}")
+    return m, paths
+
+
+def check_pretrain_data(cfg: PretrainDataConfig, vocab_size: int) -> None:
+    """The reader's manifest checks without opening a shard (sizes only, no checksums): run
+    before any process group, so a wrong path, tokenizer or vocabulary costs seconds."""
+    for path in [sc.path for sc in _source_list(cfg)] + ([cfg.val_path] if cfg.val_path else []):
+        _source_manifest(path, cfg, vocab_size, verify_checksums=False)
+
+
 def _open_windows(
     path: str, cfg: PretrainDataConfig, seq_len: int, vocab_size: int | None
 ) -> tuple[ShardWindows, dict]:
-    m, paths = load_shard_manifest(path, cfg.verify_checksums)
-    check_tokenizer(m, cfg.tokenizer, f"in data source {path}")
+    m, paths = _source_manifest(path, cfg, vocab_size, cfg.verify_checksums)
     sizes = [int(s["num_tokens"]) for s in m["shards"]]
     w = ShardWindows(paths, sizes, m["dtype"], seq_len, vocab_size)
     if w.num_windows == 0:

@@ -15,7 +15,13 @@ import torch
 
 from llada_train.data.config import SFTDataConfig
 from llada_train.data.heldout import ValidationSource, ValItem, carve_count
-from llada_train.data.manifest import check_file, check_tokenizer, manifest_path, read_json
+from llada_train.data.manifest import (
+    check_file,
+    check_tokenizer,
+    check_vocab,
+    manifest_path,
+    read_json,
+)
 from llada_train.data.stream import ReaderInfo, StreamReader
 from llada_train.errors import LladaError
 
@@ -105,10 +111,29 @@ def load_sft_manifest(path: str | Path, verify_checksums: bool = False) -> dict[
     return m
 
 
-def check_record_lengths(path: str, limit: int) -> None:
-    """Raise naming the first record of ``path`` longer than ``limit`` (the model's
-    ``max_sequence_length``): the manifest's ``max_record_length`` says whether to look."""
-    m = load_sft_manifest(path)
+def _records_manifest(
+    path: str, cfg: SFTDataConfig, vocab_size: int | None, verify_checksums: bool
+) -> dict[str, Any]:
+    """A records folder's checked manifest: files, tokenizer, vocabulary."""
+    m = load_sft_manifest(path, verify_checksums)
+    check_tokenizer(m, cfg.tokenizer, f"in SFT records {path}")
+    if vocab_size is not None:
+        check_vocab(int(m["vocab_size"]), vocab_size, f"in SFT records {path}")
+    return m
+
+
+def check_sft_data(cfg: SFTDataConfig, vocab_size: int, max_length: int) -> None:
+    """The reader's manifest checks (no checksums), plus no record longer than ``max_length``
+    (the model's ``max_sequence_length``): run before any process group."""
+    for path in (cfg.path, cfg.val_path):
+        if path:
+            m = _records_manifest(path, cfg, vocab_size, verify_checksums=False)
+            check_record_lengths(m, path, max_length)
+
+
+def check_record_lengths(m: dict[str, Any], path: str, limit: int) -> None:
+    """Raise naming the first record of ``path`` (manifest ``m``) longer than ``limit``: the
+    manifest's ``max_record_length`` says whether to look."""
     if int(m.get("max_record_length", limit + 1)) <= limit:
         return
     f = m["files"]["offsets"]
@@ -143,11 +168,12 @@ def build_sft_reader(
     rank: int,
     world_size: int,
     eos_token_id: int,
+    vocab_size: int | None = None,
 ) -> tuple[StreamReader, ReaderInfo]:
     """Reader whose ``next()`` gives ``{"input_ids": (B, L), "prompt_len": (B,)}`` forever, and
-    its info (``num_records``, ``vocab_size``, the manifest). ``reader.epoch`` counts passes."""
-    m = load_sft_manifest(cfg.path, cfg.verify_checksums)
-    check_tokenizer(m, cfg.tokenizer, f"in SFT records {cfg.path}")
+    its info (``num_records``, ``vocab_size``, the manifest). ``reader.epoch`` counts passes.
+    ``vocab_size`` (the model's): records made with a larger vocabulary are refused."""
+    m = _records_manifest(cfg.path, cfg, vocab_size, cfg.verify_checksums)
     if m.get("eos_id") is not None and int(m["eos_id"]) != eos_token_id:
         raise LladaError(
             f"EOS mismatch in SFT records {cfg.path}: records use EOS id {m['eos_id']}, the model {eos_token_id}: "
@@ -162,8 +188,7 @@ def build_sft_reader(
     )
     held = 0 if cfg.val_path else carve_count(records.num_records, cfg.val_fraction, cfg.path)
     if cfg.val_path:
-        vm = load_sft_manifest(cfg.val_path, cfg.verify_checksums)
-        check_tokenizer(vm, cfg.tokenizer, f"in SFT records {cfg.val_path}")
+        vm = _records_manifest(cfg.val_path, cfg, vocab_size, cfg.verify_checksums)
         val_records = SFTRecords(manifest_path(cfg.val_path).parent, vm, eos_token_id, 1, None)
         validation = _record_source(val_records, 0, cfg.val_path)
     else:

@@ -178,6 +178,30 @@ def open_safetensors(path: Path) -> Any:
         ) from None
 
 
+def check_weights(folder: str | Path, expected: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Open every safetensors file of ``folder`` (headers only) and check its tensor names and
+    shapes against ``expected``; returns each tensor name's open file."""
+    files = weight_files(folder)
+    missing, extra = sorted(set(expected) - set(files)), sorted(set(files) - set(expected))
+    if missing or extra:
+        raise LladaError(
+            f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}); is this a LLaDA checkpoint?"
+        )
+    handles: dict[Path, Any] = {}
+    for name, want in expected.items():
+        f = files[name]
+        if f not in handles:
+            handles[f] = open_safetensors(f)
+        shape = tuple(handles[f].get_slice(name).get_shape())
+        if shape != want:
+            raise LladaError(
+                f"{f}: {name} has shape {shape} but config.json implies {want}; "
+                "config.json does not match the weights"
+            )
+    return {name: handles[f] for name, f in files.items()}
+
+
 @torch.no_grad()
 def load_weights_into(
     model: LLaDAModel,
@@ -189,28 +213,13 @@ def load_weights_into(
     Names and shapes are checked against the model; ``param_context(p)`` wraps each copy
     (ZeRO-3 passes a gather context so no rank ever holds the whole model).
     """
-    files = weight_files(folder)
     params = dict(model.named_parameters())
-    missing, extra = sorted(set(params) - set(files)), sorted(set(files) - set(params))
-    if missing or extra:
-        raise LladaError(
-            f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected "
-            f"{extra[:3]}); is this a LLaDA checkpoint?"
-        )
-    handles: dict[Path, Any] = {}
+    # a ZeRO-3 partitioned parameter keeps its full shape in ds_shape
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}
+    opened = check_weights(folder, shapes)
     for name, p in params.items():
-        f = files[name]
-        if f not in handles:
-            handles[f] = open_safetensors(f)
-        shape = tuple(handles[f].get_slice(name).get_shape())
-        expected = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-        if shape != expected:
-            raise LladaError(
-                f"{f}: {name} has shape {shape} but config.json implies {expected}; "
-                "config.json does not match the weights"
-            )
         with param_context(p) if param_context else contextlib.nullcontext():
-            p.copy_(handles[f].get_tensor(name).to(p.dtype))
+            p.copy_(opened[name].get_tensor(name).to(p.dtype))
 
 
 def load_pretrained(folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LLaDAModel:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from llada_train.model.checkpoint import load_weights_into, read_config
+from llada_train.model.checkpoint import check_weights, load_weights_into, read_config
 from llada_train.model.config import ModelConfig
 from llada_train.model.lora import PeftConfig, apply_lora, lora_enabled
 from llada_train.model.transformer import LLaDAModel
@@ -32,6 +32,14 @@ def resolve_model_config(model_cfg: ModelConfig, init_from: str | None) -> Model
         return model_cfg
     pretrained = read_config(init_from)
     return dataclasses.replace(pretrained, **{k: getattr(model_cfg, k) for k in RUNTIME_FIELDS})
+
+
+def check_init_from(model_cfg: ModelConfig, init_from: str) -> None:
+    """``init_from``'s safetensors against the architecture, reading headers only: a missing,
+    corrupt or mismatched file is found in seconds, before any process group."""
+    with torch.device("meta"):
+        model = LLaDAModel(model_cfg)
+    check_weights(init_from, {n: tuple(p.shape) for n, p in model.named_parameters()})
 
 
 def _param_context(zero_stage: int) -> Callable[[torch.nn.Parameter], Any] | None:

@@ -55,6 +55,31 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return tag
 
 
+def check_resume_world_size(run_dir: str | Path, tag: str, world: int) -> dict[str, Any]:
+    """``tag``'s trainer state, after refusing a world size it cannot resume on. Reads one
+    JSON file: the entry points run it before any process group, and resume again."""
+    state_file = checkpoint_dir(run_dir) / tag / TRAINER_STATE
+    try:
+        trainer_state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LladaError(
+            f"{state_file} cannot be read ({exc}): the checkpoint is damaged; point "
+            f"{checkpoint_dir(run_dir) / LATEST} at an older complete step"
+        ) from exc
+    saved = int(trainer_state.get("world_size", world))
+    # the reader's position is global and keyed masks do not depend on the rank, so only
+    # optimizer state partitioned by rank (ZeRO 1-3) ties a checkpoint to its world size
+    movable = trainer_state.get("mask_draws") == "seed-step-index" and int(
+        trainer_state.get("zero_stage", 0)) == 0
+    if saved != world and not movable:
+        raise LladaError(
+            f"{state_file.parent} was written by {saved} ranks but this job has {world}: resume "
+            "with the same number of ranks (ZeRO-1/2/3 keep optimizer state partitioned by rank; "
+            "a ZeRO-0 checkpoint with keyed masks may change it)"
+        )
+    return trainer_state
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -163,19 +188,9 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str) -> tuple[dict[st
     DeepSpeed's loader unpickles; our own rank state loads with ``weights_only=True``.
     """
     root = checkpoint_dir(run_dir)
-    trainer_state = json.loads((root / tag / TRAINER_STATE).read_text())
     rank, world = _rank_world()
+    trainer_state = check_resume_world_size(run_dir, tag, world)
     saved = int(trainer_state.get("world_size", world))
-    # the reader's position is global and keyed masks do not depend on the rank, so only
-    # optimizer state partitioned by rank (ZeRO 1-3) ties a checkpoint to its world size
-    movable = trainer_state.get("mask_draws") == "seed-step-index" and int(
-        trainer_state.get("zero_stage", 0)) == 0
-    if saved != world and not movable:
-        raise LladaError(
-            f"{root / tag} was written by {saved} ranks but this job has {world}: resume with "
-            "the same number of ranks (ZeRO-1/2/3 keep optimizer state partitioned by rank; "
-            "a ZeRO-0 checkpoint with keyed masks may change it)"
-        )
     verify_manifest(root / tag, rank, world, getattr(engine, "device", None))
     is_lora = _check_lora_matches(getattr(engine, "module", None), root / tag)
     # a LoRA checkpoint holds the adapters only: the frozen base came from init_from
