@@ -8,6 +8,8 @@ Real 2-rank launches of ``tests/torchrun_child.py`` (ranks that fail on purpose)
 
 from __future__ import annotations
 
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,3 +179,26 @@ def test_ranks_that_outlive_the_grace_are_killed_with_one_line(tmp_path):
         f"{run_dir / 'checkpoints'}"
     ), err[-3000:]
     assert "Traceback" not in err and "Unable to shutdown" not in err
+
+
+@pytest.mark.slow
+def test_an_error_every_rank_hits_after_the_process_group_prints_once(tmp_path, demo_data):
+    # a flipped byte (same size) is caught only by the checksums, which each rank's reader
+    # verifies after the process group exists: both ranks fail with the same line
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_data / "shards", shards)
+    shard = shards / "shard_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(bytes(data))
+    run_dir = tmp_path / "run"
+    proc = launch("llada-torchrun", "llada_train.cli.pretrain", f"run_dir={run_dir}", "data=demo",
+                  f"data.path={shards}", f"data.tokenizer={demo_data / 'tokenizer.json'}",
+                  "data.verify_checksums=true", "trainer.micro_batch_size=8")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert re.fullmatch(
+        rf"error: \[rank [01]\] shard {shard} fails its sha256 checksum: the file is corrupted; "
+        "re-run the data step", lines[0]), lines[0]
+    assert (run_dir / "run_info.jsonl").exists()  # it was after the process group

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -197,11 +199,27 @@ def _one_line(exc: LladaError) -> str:
     return text
 
 
+def _first_to_report(text: str) -> bool:
+    """Whether this rank is the first to report ``text``, counted in the process group's
+    store (no collective: other ranks may be healthy); True when the store does not answer."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=10))
+        return store.add(f"llada_error/{hashlib.sha256(text.encode()).hexdigest()}", 1) == 1
+    except Exception:  # a lost store must not keep a rank from saying why it stops
+        return True
+
+
 def _fail(exc: LladaError, rank: int, world_size: int, every_rank: bool) -> NoReturn:
-    """One ``error:`` line on stderr, exit code 2; a mistake every rank makes prints once."""
+    """One ``error:`` line on stderr, exit code 2. A mistake every rank makes prints once:
+    from rank 0 before the process group, from the first rank to hit it after."""
+    text = _one_line(exc)
+    if every_rank and world_size > 1:
+        if dist.is_initialized() and not _first_to_report(text):
+            sys.exit(2)
+        text = f"[rank {rank}] {text}"
     if every_rank or rank == 0:
-        prefix = f"[rank {rank}] " if world_size > 1 and every_rank else ""
-        print(f"error: {prefix}{_one_line(exc)}", file=sys.stderr, flush=True)
+        print(f"error: {text}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
