@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from llada_train.config import CONF_DIR
-from llada_train.schema import stray_keys
+from llada_train.schema import not_a_setting, stray_keys
 
 # entry points whose config has a run_dir (Hydra makes it its output folder before our code runs)
 RUN_DIR_CONFIGS = ("pretrain", "sft")
@@ -44,6 +46,23 @@ def run_dir_problem(argv: list[str]) -> str | None:
     return None
 
 
+def composition_error(exc: HydraException) -> str:
+    """One line for Hydra's multi-line report of an override it cannot apply (an unknown
+    key, a group option that does not exist, a value of the wrong type, bad syntax)."""
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        unknown = isinstance(cause, (ConfigKeyError, ConfigAttributeError))
+        if unknown and cause.object_type is not None:
+            return f"{not_a_setting(cause.full_key, cause.object_type)}: check its spelling"
+        return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+    text = str(exc).split("Config search path:")[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("See https")]
+    if isinstance(exc, MissingConfigException) and len(lines) > 2:  # "Available options in 'g':"
+        options = [o for o in lines[2:] if not o.endswith("_schema")]  # typed bases, not choices
+        return f"{lines[0]}; {lines[1].rstrip(':').lower()}: {', '.join(options)}"
+    return "; ".join(lines)
+
+
 def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
     """A zero-argument ``main`` that composes ``conf/<config_name>.yaml`` (plus command-line
     overrides) and calls ``task(cfg)``. The YAML sets ``hydra.job.name``, since Hydra would
@@ -64,7 +83,15 @@ def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable
             if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node under torchrun
                 print(f"error: {problem}", file=sys.stderr, flush=True)
             sys.exit(2)
-        _main()
+        # Hydra prints a bad override as several lines and exits 1; raised instead, it becomes
+        # one line (other exceptions keep their full traceback)
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        try:
+            _main()
+        except HydraException as exc:
+            if os.environ.get("RANK", "0") == "0":  # the same mistake on every rank
+                print(f"error: {composition_error(exc)}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     main.__doc__ = f"Console entry point for conf/{config_name}.yaml."
     return main

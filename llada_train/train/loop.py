@@ -286,39 +286,41 @@ class Trainer:
             dynamic_ncols=True,
         )
         meter.restart(self.step, self.tokens)
-        while self.step < self.cfg.max_steps:
-            loss = self.train_step()
-            logged.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            first = len(logged) == 1
-            val = self._validate(meter)  # merged into the step's record: every row has a loss
-            at_end = self.step == self.cfg.max_steps
-            if val or first or self.step % self.logging.log_every == 0 or at_end:
-                self.metrics.log(
-                    self.step,
-                    {
-                        "loss": loss,
-                        "lr": self._lr,
-                        "grad_norm": self._grad_norm_value(),
-                        **meter.report(self.step, self.tokens),
-                        "mem_gib": memory_gib(self.dist.device),
-                        "tokens": self.tokens,
-                        "skipped_steps": self.bad_steps.skipped,
-                        **val,
-                    },
-                    echo=not self.logging.progress_bar or bool(val),
-                )
-            every = self.cfg.save_every
-            if every and self.step % every == 0 and self.step < self.cfg.max_steps:
-                self.save()
-            if self._stop_requested:  # agreed by all ranks in the step's one all-reduce
-                if self.rank0:
-                    print(f"pre-emption signal received: checkpointing at step {self.step}",
-                          flush=True)
-                preempted = True
-                break
-        bar.close()
+        try:  # an error ends the bar's line first, so its one line starts a line
+            while self.step < self.cfg.max_steps:
+                loss = self.train_step()
+                logged.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                first = len(logged) == 1
+                val = self._validate(meter)  # merged into the step's record: every row has a loss
+                at_end = self.step == self.cfg.max_steps
+                if val or first or self.step % self.logging.log_every == 0 or at_end:
+                    self.metrics.log(
+                        self.step,
+                        {
+                            "loss": loss,
+                            "lr": self._lr,
+                            "grad_norm": self._grad_norm_value(),
+                            **meter.report(self.step, self.tokens),
+                            "mem_gib": memory_gib(self.dist.device),
+                            "tokens": self.tokens,
+                            "skipped_steps": self.bad_steps.skipped,
+                            **val,
+                        },
+                        echo=not self.logging.progress_bar or bool(val),
+                    )
+                every = self.cfg.save_every
+                if every and self.step % every == 0 and self.step < self.cfg.max_steps:
+                    self.save()
+                if self._stop_requested:  # agreed by all ranks in the step's one all-reduce
+                    if self.rank0:
+                        print(f"pre-emption signal received: checkpointing at step {self.step}",
+                              flush=True)
+                    preempted = True
+                    break
+        finally:
+            bar.close()
         if self.step > start_step or not resumed:
             self.save()
         elif self.rank0:  # e.g. a finished run started again: its checkpoint is the last word
