@@ -32,7 +32,7 @@ SBATCH = FAKE_SLURM / "sbatch"
 JOB_ID = "4242"  # the fake sbatch's default
 SHELL_SCRIPTS = sorted(
     [*LAUNCH.glob("*.sh"), *(LAUNCH / "slurm").glob("*.sh"), *(LAUNCH / "slurm").glob("*.sbatch"),
-     *(p for p in FAKE_SLURM.iterdir() if p.is_file())]
+     *(REPO / "scripts").glob("*.sh"), *(p for p in FAKE_SLURM.iterdir() if p.is_file())]
 )
 QUICK = ["trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
          "logging.log_every=1", "logging.progress_bar=false"]
