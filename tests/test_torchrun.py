@@ -17,8 +17,16 @@ import time
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+from torch.distributed.run import parse_args
 
-from llada_train.cli.torchrun import exit_code, failure_line, root_failure, signal_line
+from llada_train.cli.torchrun import (
+    exit_code,
+    failure_line,
+    root_failure,
+    run_dir_of,
+    signal_line,
+    with_defaults,
+)
 from tests.conftest import BIN, REPO
 from tests.launch_utils import free_port, launch_env, run
 
@@ -202,3 +210,26 @@ def test_an_error_every_rank_hits_after_the_process_group_prints_once(tmp_path, 
         rf"error: \[rank [01]\] shard {shard} fails its sha256 checksum: the file is corrupted; "
         "re-run the data step", lines[0]), lines[0]
     assert (run_dir / "run_info.jsonl").exists()  # it was after the process group
+
+
+def test_launcher_defaults_and_what_overrides_them(monkeypatch):
+    monkeypatch.delenv("LLADA_TERM_GRACE_S", raising=False)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    args = with_defaults(parse_args(["-m", "x"]))
+    assert args.signals_to_handle == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    assert args.shutdown_timeout == 600
+    given = with_defaults(parse_args(["--signals-to-handle=SIGINT", "--shutdown-timeout=7", "x.py"]))
+    assert (given.signals_to_handle, given.shutdown_timeout) == ("SIGINT", 7)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
+    assert with_defaults(parse_args(["x.py"])).shutdown_timeout == 45
+    monkeypatch.setenv("LLADA_TERM_GRACE_S", "1200")
+    assert with_defaults(parse_args(["x.py"])).shutdown_timeout == 1200
+    monkeypatch.setenv("LLADA_TERM_GRACE_S", "ten")
+    with pytest.raises(SystemExit) as exit_:
+        with_defaults(parse_args(["x.py"]))
+    assert exit_.value.code == 2
+
+
+def test_run_dir_is_the_last_override_or_the_task_default():
+    assert run_dir_of(parse_args(["-m", "llada_train.cli.sft", "run_dir=a", "x=1", "++run_dir=b"])) == "b"
+    assert run_dir_of(parse_args(["-m", "llada_train.cli.pretrain", "x=1"])) == "runs/pretrain"

@@ -30,6 +30,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.run import get_args_parser, parse_args, run
 
+from llada_train.errors import LladaError
 from llada_train.train.checkpointing import checkpoint_dir, latest_tag
 
 BAD_INPUT_EXIT = 2  # cli/common.py::_fail: the rank has printed its one line
@@ -65,12 +66,23 @@ class TeardownReport(logging.Filter):
 
 
 def with_defaults(args: Namespace) -> Namespace:
-    """Ours where the user left torchrun's: SIGUSR1 handled too, and the shutdown grace."""
+    """Ours where the user left torchrun's: SIGUSR1 handled too, and a shutdown grace of
+    ``LLADA_TERM_GRACE_S`` (else torchrun's ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, else 600 s)."""
     defaults = get_args_parser().parse_args(["x"])
     if args.signals_to_handle == defaults.signals_to_handle:
         args.signals_to_handle += ",SIGUSR1"
     if args.shutdown_timeout is None:
-        args.shutdown_timeout = int(os.environ.get("LLADA_TERM_GRACE_S", DEFAULT_GRACE_S))
+        for var in ("LLADA_TERM_GRACE_S", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+            value = os.environ.get(var)
+            if value is not None:
+                if not value.strip().isdigit():
+                    print(f"error: {var}={value!r} is not a number of seconds: set it to e.g. "
+                          f"{DEFAULT_GRACE_S}", file=sys.stderr)
+                    sys.exit(BAD_INPUT_EXIT)
+                args.shutdown_timeout = int(value)
+                break
+        else:
+            args.shutdown_timeout = DEFAULT_GRACE_S
     return args
 
 
@@ -145,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
             print(line, file=sys.stderr, flush=True)
         sys.exit(exit_code(failure))
     except SignalException as exc:
-        line, code = signal_line(exc.sigval, run_dir_of(args), report.killed, args.shutdown_timeout)
+        try:
+            line, code = signal_line(exc.sigval, run_dir_of(args), report.killed,
+                                     args.shutdown_timeout)
+        except LladaError as bad:  # e.g. a `latest` naming a step that is not there
+            line, code = f"error: {bad}", BAD_INPUT_EXIT
         print(line, file=sys.stderr if code else sys.stdout, flush=True)
         sys.exit(code)
 
