@@ -5,7 +5,9 @@ MODE: ``bad-input`` (rank 0 prints one ``error:`` line, every rank exits 2, as
 ``cli/common.py`` does), ``crash`` (rank 1 raises; rank 0 waits to be stopped),
 ``killed`` (rank 1 is SIGKILLed; rank 0 waits) or ``preempt run_dir=D save_s=S`` (like the
 trainer: on SIGTERM/SIGUSR1 take S seconds to "checkpoint" step 7 into D, then exit 0;
-``D/ready.RANK`` appears once the handlers are installed).
+``D/ready.RANK`` appears once the handlers are installed), or ``fail LINE0 LINE1`` (rank R
+stops through the entry points' ``_fail`` with LINE_R before any process group; ``-``: rank
+R waits to be stopped instead).
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ def preempt(rank: int, run_dir: Path, save_s: float) -> None:
 
 def main(mode: str, *args: str) -> None:
     rank = int(os.environ["RANK"])
+    if mode == "fail":
+        line = args[rank]
+        if line != "-":
+            from llada_train.cli.common import _fail
+            from llada_train.errors import LladaError
+
+            _fail(LladaError(line), rank, int(os.environ["WORLD_SIZE"]), after_setup=False)
+        time.sleep(120)
     if mode == "preempt":
         opts = dict(a.split("=", 1) for a in args)  # Hydra-style, as the launcher reads run_dir
         preempt(rank, Path(opts["run_dir"]), float(opts["save_s"]))

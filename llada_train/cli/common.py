@@ -199,27 +199,40 @@ def _one_line(exc: LladaError) -> str:
     return text
 
 
-def _first_to_report(text: str) -> bool:
-    """Whether this rank is the first to report ``text``, counted in the process group's
-    store (no collective: other ranks may be healthy); True when the store does not answer."""
+def _job_store() -> Any | None:
+    """A store every rank of the job reaches: the process group's, or before it exists
+    torchrun's agent store (the one ``init_process_group`` itself joins); else None."""
+    if dist.is_initialized():
+        return dist.distributed_c10d._get_default_store()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                             is_master=False, timeout=timedelta(seconds=10))
+    return None
+
+
+def _first_to_report(text: str, rank: int) -> bool:
+    """Whether this rank prints ``text``: the first rank to report it, counted in the job's
+    store (no collective: other ranks may be healthy). Without a store only rank 0 prints;
+    when the store does not answer, every rank does."""
     try:
-        store = dist.distributed_c10d._get_default_store()
+        store = _job_store()
+        if store is None:
+            return rank == 0
         store.set_timeout(timedelta(seconds=10))
-        return store.add(f"llada_error/{hashlib.sha256(text.encode()).hexdigest()}", 1) == 1
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        key = f"llada_error/{restart}/{hashlib.sha256(text.encode()).hexdigest()}"
+        return store.add(key, 1) == 1
     except Exception:  # a lost store must not keep a rank from saying why it stops
         return True
 
 
-def _fail(exc: LladaError, rank: int, world_size: int, every_rank: bool) -> NoReturn:
-    """One ``error:`` line on stderr, exit code 2. A mistake every rank makes prints once:
-    from rank 0 before the process group, from the first rank to hit it after."""
+def _fail(exc: LladaError, rank: int, world_size: int, after_setup: bool) -> NoReturn:
+    """One ``error:`` line on stderr, exit code 2. A line several ranks hit prints once; it
+    names the rank after the process group exists, or when the rank is not rank 0."""
     text = _one_line(exc)
-    if every_rank and world_size > 1:
-        if dist.is_initialized() and not _first_to_report(text):
-            sys.exit(2)
-        text = f"[rank {rank}] {text}"
-    if every_rank or rank == 0:
-        print(f"error: {text}", file=sys.stderr, flush=True)
+    if world_size == 1 or _first_to_report(text, rank):
+        named = world_size > 1 and (after_setup or rank != 0)
+        print(f"error: {f'[rank {rank}] ' if named else ''}{text}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -241,7 +254,7 @@ def run_training(
     try:
         pre = preflight(cfg, world, check)
     except LladaError as exc:
-        _fail(exc, rank, world, every_rank=False)
+        _fail(exc, rank, world, after_setup=False)
     model_cfg, trainer_cfg, optim_cfg, ds_cfg, ds_json = (
         pre.model_cfg, pre.trainer_cfg, pre.optim_cfg, pre.ds_cfg, pre.ds_json
     )
@@ -284,7 +297,7 @@ def run_training(
         run = RunContext(run_dir, cfg.seed, tokenizer_path, to_container(cfg))
         return Trainer(parts, cfgs, ds_json, run).fit()
     except LladaError as exc:
-        _fail(exc, info.rank, info.world_size, every_rank=True)
+        _fail(exc, info.rank, info.world_size, after_setup=True)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
