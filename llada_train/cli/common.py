@@ -227,11 +227,11 @@ def _first_to_report(text: str, rank: int) -> bool:
 
 
 def _fail(exc: LladaError, rank: int, world_size: int, after_setup: bool) -> NoReturn:
-    """One ``error:`` line on stderr, exit code 2. A line several ranks hit prints once; it
-    names the rank after the process group exists, or when the rank is not rank 0."""
+    """One ``error:`` line on stderr, exit code 2. A line several ranks hit prints once (from
+    whichever comes first); after the process group exists it names that rank."""
     text = _one_line(exc)
     if world_size == 1 or _first_to_report(text, rank):
-        named = world_size > 1 and (after_setup or rank != 0)
+        named = world_size > 1 and after_setup
         print(f"error: {f'[rank {rank}] ' if named else ''}{text}", file=sys.stderr, flush=True)
     sys.exit(2)
 
