@@ -45,7 +45,8 @@ def main(mode: str, *args: str) -> None:
             from llada_train.errors import LladaError
 
             _fail(LladaError(line), rank, int(os.environ["WORLD_SIZE"]), after_setup=False)
-        time.sleep(120)
+        time.sleep(120)  # stopped by the launcher once the other rank has failed
+        sys.exit(0)
     if mode == "preempt":
         opts = dict(a.split("=", 1) for a in args)  # Hydra-style, as the launcher reads run_dir
         preempt(rank, Path(opts["run_dir"]), float(opts["save_s"]))

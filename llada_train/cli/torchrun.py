@@ -68,8 +68,7 @@ class TeardownReport(logging.Filter):
 def with_defaults(args: Namespace) -> Namespace:
     """Ours where the user left torchrun's: SIGUSR1 handled too, and a shutdown grace of
     ``LLADA_TERM_GRACE_S`` (else torchrun's ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, else 600 s)."""
-    defaults = get_args_parser().parse_args(["x"])
-    if args.signals_to_handle == defaults.signals_to_handle:
+    if args.signals_to_handle == get_args_parser().get_default("signals_to_handle"):
         args.signals_to_handle += ",SIGUSR1"
     if args.shutdown_timeout is None:
         for var in ("LLADA_TERM_GRACE_S", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
