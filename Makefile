@@ -8,14 +8,20 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
-DEMO_STEPS ?= 600
+DEMO_STEPS ?= 1500
 DEMO_SFT_STEPS ?= 400
+# Warmup-Stable-Decay scaled to the demo's token budget (16 x 128 tokens a step): warmup 20
+# steps to 3e-3, stable, the drop to 1e-3 at 60% of the tokens, linear to 1e-4 over the last 20%
+DEMO_TOKENS = $(shell echo $$(( $(DEMO_STEPS) * 2048 )))
+DEMO_WSD = schedule=wsd schedule.peak_lr=3e-3 schedule.warmup_steps=20 \
+	schedule.total_tokens=$(DEMO_TOKENS) schedule.drop_at_tokens=$(shell echo $$(( $(DEMO_TOKENS) * 6 / 10 ))) \
+	schedule.drop_lr=1e-3 schedule.decay_tokens=$(shell echo $$(( $(DEMO_TOKENS) * 2 / 10 ))) schedule.final_lr=1e-4
 # Every install is pinned by constraints.txt (refresh on purpose with `make lock`).
 # CONSTRAINTS= (empty) installs the newest releases pyproject.toml allows instead.
 CONSTRAINTS ?= constraints.txt
 PIP_INSTALL = $(PY) -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install dev demo test lint bench lock clean golden
+.PHONY: install dev demo test lint bench lock clean golden golden-spread
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,13 +45,15 @@ demo: install
 	$(PY) -m data_pipelines.demo --out $(DEMO_DIR)/data
 	$(VENV)/bin/llada-pretrain run_dir=$(DEMO_DIR)/pretrain data=demo \
 		data.path=$(DEMO_DIR)/data/shards data.tokenizer=$(DEMO_DIR)/data/tokenizer.json \
-		trainer.max_steps=$(DEMO_STEPS) logging.log_every=50 logging.progress_bar=false \
-		data.val_fraction=0.02 trainer.eval_every=50
+		trainer.max_steps=$(DEMO_STEPS) $(DEMO_WSD) logging.log_every=100 logging.progress_bar=false \
+		data.val_fraction=0.02 trainer.eval_every=100
 	$(VENV)/bin/llada-sft run_dir=$(DEMO_DIR)/sft init_from=$(DEMO_DIR)/pretrain/export data=sft_demo \
 		data.path=$(DEMO_DIR)/data/sft data.tokenizer=$(DEMO_DIR)/data/tokenizer.json \
-		trainer=sft_demo schedule=sft_demo trainer.max_steps=$(DEMO_SFT_STEPS) logging.log_every=50 logging.progress_bar=false
+		trainer=sft_demo schedule=sft_demo schedule.peak_lr=5e-4 schedule.final_lr=5e-5 \
+		trainer.max_steps=$(DEMO_SFT_STEPS) logging.log_every=50 logging.progress_bar=false
 	$(VENV)/bin/llada-plot $(DEMO_DIR)/pretrain
-	$(PY) -m llada_train.cli.demo_report --run-dir $(DEMO_DIR)/pretrain --sft-dir $(DEMO_DIR)/sft
+	$(PY) -m llada_train.cli.demo_report --run-dir $(DEMO_DIR)/pretrain --sft-dir $(DEMO_DIR)/sft \
+		--chat $(DEMO_DIR)/data/chat.jsonl
 
 # two pytest workers: most tests wait on process start-up, so 2 cores run two at a time
 TEST_WORKERS ?= 2
@@ -56,6 +64,10 @@ test: dev
 # change made on purpose; review and commit the diff.
 golden: dev
 	LLADA_RECORD_GOLDEN=1 $(PY) -m pytest -q tests/test_golden_losses.py
+
+# How far the golden curves move across instruction sets here (the tolerances' evidence).
+golden-spread: dev
+	$(PY) scripts/golden_spread.py
 
 lint: dev
 	$(VENV)/bin/ruff check .

@@ -15,6 +15,14 @@ rows only (about half, plus a recompute of its forward), so for the new loss pat
 overstates the FLOPs done: by up to ~8% for llada_1b and ~17% for the 8B 4-layer slice,
 where the head is a third of the FLOPs.
 
+Block-diffusion rows (objective=block, block 32, BD3-LM defaults): the input is cat(x_t, x_0),
+2 x 4096 positions per sequence, with the block-diffusion mask as a dense SDPA boolean mask
+or as a flex_attention BlockMask (``attention_backend=flex``). tokens/s counts data tokens (the
+4096 of each row, as the other rows), and their MFU uses honest FLOPs for the 2L input
+(``block_flops_per_token``): the body's matmuls twice per data token, the head once, and only
+the attention scores the mask allows ((n + 1) / 4n of the 2L x 2L grid for n blocks: about
+the 1L pass's own count); the dense mask computes all 4x of them, flex skips masked tiles.
+
 Every row runs in try/except (an OOM or an unsupported backend is recorded as
 ``error: ...``), the JSON and markdown tables are rewritten as each row completes, and rows
 past ``--budget-s`` are recorded as skipped. ``--smoke`` runs the same code in fp32 on CPU
@@ -39,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llada_train.diffusion import ObjectiveConfig, PretrainObjective  # noqa: E402
+from llada_train.diffusion.block import BlockObjective  # noqa: E402
 from llada_train.model import LLaDAModel, ModelConfig  # noqa: E402
 from llada_train.train.metrics import flops_per_token  # noqa: E402
 
@@ -54,6 +63,8 @@ class Case:
     sdpa: str = "default"  # "default", "flash", "cudnn", "efficient"
     mlp: int | None = None  # MLP width override
     chunk: int | None = None  # loss_chunk_rows override
+    block: int = 0  # > 0: objective=block with this block size (the 2L input)
+    backend: str = "sdpa"  # attention_backend: "flex" runs block masks as a flex BlockMask
 
 
 CASES = [
@@ -70,7 +81,10 @@ CASES = [
     Case("1b new eager mlp=5696", "1b", mlp=5696),
     Case("1b new compiled mlp=5696", "1b", compiled=True, mlp=5696),
     Case("1b new eager chunk=4096", "1b", chunk=4096),
+    Case("1b block32 dense-mask eager", "1b", block=32),
+    Case("1b block32 flex eager", "1b", block=32, backend="flex"),
 ]
+SMOKE_BLOCK = 8  # smoke stand-in of block 32 (sequence 64)
 SMOKE_MLP = {5632: 128, 5696: 192}  # smoke stand-ins of the padded widths (tiny base is 130)
 
 
@@ -100,7 +114,20 @@ def model_config(case: Case, smoke: bool) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     if "compile" in known:
         raw["compile"] = False  # this bench compiles blocks itself, per row
+    raw["attention_backend"] = case.backend
     return ModelConfig(**raw)
+
+
+def block_flops_per_token(cfg: ModelConfig, seq_len: int, block: int) -> float:
+    """Training FLOPs per data token of a block-diffusion step (``flops_per_token``'s
+    convention): the body runs on 2L positions (x2), the head on the x_t half (x1), and
+    attention counts the scores the 2L mask allows: a noisy query in block b sees B + bB keys,
+    a clean one (b + 1)B, so L (n + 1) B per sequence, n = L / B blocks."""
+    head = cfg.d_model * cfg.vocab_size
+    body = flops_per_token(cfg, 0) - 6.0 * head  # 6 x non-embedding body parameters
+    n = seq_len // block
+    allowed = seq_len * (n + 1) * block  # allowed (query, key) pairs per sequence
+    return 2.0 * body + 6.0 * head + 12.0 * cfg.n_layers * cfg.d_model * allowed / seq_len
 
 
 def full_logits_loss(model, objective: PretrainObjective, batch, generator) -> torch.Tensor:
@@ -144,7 +171,12 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
     obj_cfg = ObjectiveConfig(var_len_prob=0.0)
     if case.chunk is not None:
         obj_cfg.loss_chunk_rows = case.chunk
-    objective = PretrainObjective(obj_cfg, cfg.mask_token_id)
+    bsize = (SMOKE_BLOCK if args.smoke else case.block) if case.block else 0
+    if bsize:
+        obj_cfg = dataclasses.replace(obj_cfg, name="block", block_size=bsize)
+        objective = BlockObjective(obj_cfg, cfg.mask_token_id)
+    else:
+        objective = PretrainObjective(obj_cfg, cfg.mask_token_id)
     model = build_model(cfg, device, dtype)
     if case.compiled:
         for block in model.transformer.blocks:
@@ -168,7 +200,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    row: dict = {"chunk_rows": obj_cfg.loss_chunk_rows, "mlp": cfg.mlp_hidden_size, "layers": cfg.n_layers}
+    row: dict = {"chunk_rows": obj_cfg.loss_chunk_rows, "mlp": cfg.mlp_hidden_size, "layers": cfg.n_layers,
+                 "block": bsize or None}
     with sdpa_context(case.sdpa):
         sync()
         t0 = time.perf_counter()
@@ -184,7 +217,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
         sync()
         dt = (time.perf_counter() - t0) / args.steps
     tok_s = batch_size * seq_len / dt
-    row.update(step_s=dt, tokens_per_s=tok_s, flops_per_token=flops_per_token(cfg, seq_len))
+    fpt = block_flops_per_token(cfg, seq_len, bsize) if bsize else flops_per_token(cfg, seq_len)
+    row.update(step_s=dt, tokens_per_s=tok_s, flops_per_token=fpt)
     if device.type == "cuda":
         row["mfu"] = tok_s * row["flops_per_token"] / (args.peak_tflops * 1e12)
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -193,7 +227,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict
 
 COLUMNS = [("name", "row"), ("status", "status"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"),
            ("peak_mem_gib", "peak GiB"), ("first_step_s", "first step s"), ("step_s", "step s"),
-           ("loss_step1", "loss @1"), ("mlp", "MLP"), ("chunk_rows", "chunk rows")]
+           ("loss_step1", "loss @1"), ("mlp", "MLP"), ("chunk_rows", "chunk rows"), ("block", "block")]
 
 
 def _fmt(key: str, v) -> str:
@@ -219,7 +253,10 @@ def write_tables(out: Path, meta: dict, rows: list[dict]) -> None:
         lines.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
     base = {r["name"]: r for r in rows if r.get("status") == "ok"}
     ratios = [("1b new eager", "1b old-loss eager"), ("8b4 new eager", "8b4 old-loss eager"),
-              ("1b new compiled", "1b new eager"), ("8b4 new compiled", "8b4 new eager")]
+              ("1b new compiled", "1b new eager"), ("8b4 new compiled", "8b4 new eager"),
+              ("1b block32 dense-mask eager", "1b new eager"),
+              ("1b block32 flex eager", "1b new eager"),
+              ("1b block32 flex eager", "1b block32 dense-mask eager")]
     lines += ["", "| ratio | tokens/s | peak memory |", "| --- | --- | --- |"]
     for a, b in ratios:
         if a in base and b in base:

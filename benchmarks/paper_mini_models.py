@@ -190,7 +190,7 @@ def infill_accuracy(model: LLaDAModel, facts: list, vocab: CharVocab) -> float:
     region = x == MASK
     one = torch.ones(x.shape[0], dtype=torch.long)
     for _ in range(NAME_LENGTH):
-        x, _ = commit_step(x, model(x).float(), x == MASK, one, 0.0, "low_confidence", None)
+        x, _ = commit_step(x, model(x).float(), x == MASK, one, 0.0, "low_confidence", None, mask_token_id=MASK)
     got = x[region].view(len(rows), NAME_LENGTH)
     want = torch.tensor(targets, dtype=torch.long)
     return float((got == want).all(1).double().mean())

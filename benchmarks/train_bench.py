@@ -13,6 +13,9 @@ Rows:
 - one fwd+bwd step of a model with the real 126,464 vocabulary (d 256, 2 layers, 2 x 1024):
   the old full-logits loss vs the masked-row chunked loss, each in a fresh process: peak
   resident growth during the step (the loss path dominates it) and step time;
+- block diffusion (objective=block, block 32) vs full diffusion step time at the same tokens:
+  fwd + bwd + AdamW of the tiny model in one process, alternating blocks of steps; the 2L
+  input doubles every layer's work, so ~2x is expected (README "Block diffusion");
 - on a CUDA machine: MFU of `llada_1b` at sequence 4096 in bf16 on one GPU, SDPA vs flash-attn
   (benchmarks/gpu_bench.py has the full GPU table).
 
@@ -123,6 +126,43 @@ def bench_speed(steps: int, blocks: int, batch: int, seq_len: int) -> tuple[floa
         t_bare += time.perf_counter() - t0
     tokens = blocks * steps * batch * seq_len
     return tokens / t_ours, tokens / t_bare
+
+
+def bench_block(steps: int, blocks: int, batch: int, seq_len: int, block: int,
+                complementary: bool = False) -> tuple[float, float]:
+    """(block, full) seconds per step of the tiny model: fwd + bwd + AdamW, one process, the
+    same batches and keyed noise; A/B blocks of steps alternate so both share the noise."""
+    from llada_train.diffusion.block import BlockObjective
+    from llada_train.diffusion.forward import NoiseKey
+
+    cfg = ModelConfig()  # the tiny preset's shape
+    full = PretrainObjective(ObjectiveConfig(var_len_prob=0.0), cfg.mask_token_id)
+    blk = BlockObjective(ObjectiveConfig(name="block", block_size=block, var_len_prob=0.0,
+                                         complementary=complementary), cfg.mask_token_id)
+    runs = {}
+    for name, objective in (("block", blk), ("full", full)):
+        model = make_model(cfg)
+        runs[name] = (objective, model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    data = RandomTokens(batch, seq_len, cfg.vocab_size, 0)
+    batches = [{**next(data), "sample_index": torch.arange(i * batch, (i + 1) * batch)}
+               for i in range(steps)]
+
+    def run(name: str) -> float:
+        objective, model, opt = runs[name]
+        t0 = time.perf_counter()
+        for i, b in enumerate(batches):
+            objective(model, b, NoiseKey(0, i)).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    run("block"), run("full")  # warm-up
+    t = {"block": 0.0, "full": 0.0}
+    for _ in range(blocks):
+        for name in t:
+            t[name] += run(name)
+    return t["block"] / (blocks * steps), t["full"] / (blocks * steps)
 
 
 def bench_memory(precision: str, world: int = 2) -> dict[int, dict[str, float]]:
@@ -272,6 +312,8 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-speed", action="store_true", help="skip trainer vs bare loop")
     parser.add_argument("--skip-loss-path", action="store_true", help="skip old vs new loss path")
+    parser.add_argument("--skip-block", action="store_true", help="skip block vs full diffusion")
+    parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--loss-batch", type=int, default=2)
     parser.add_argument("--loss-seq-len", type=int, default=1024)
     parser.add_argument("--loss-steps", type=int, default=1, help="timed steps per process")
@@ -288,6 +330,13 @@ def main() -> None:
         ours, bare = bench_speed(args.steps, args.blocks, args.batch, args.seq_len)
         print(f"| trainer tokens/s vs bare PyTorch loop (tiny, {args.batch}x{args.seq_len}, 1 process) "
               f"| {ours:,.0f} | {bare:,.0f} | {ours / bare:.3f}x | >= 0.95x |")
+    if not args.skip_block:
+        for comp in (False, True):
+            tb, tf = bench_block(args.steps, args.blocks, args.batch, args.seq_len, args.block_size, comp)
+            what = "block diffusion" + (" + complementary views" if comp else "")
+            print(f"| {what} vs full diffusion step time (tiny, {args.batch}x{args.seq_len}, block "
+                  f"{args.block_size}, same tokens, fwd+bwd+AdamW; s/step) | {tb:.4f} | {tf:.4f} "
+                  f"| {tb / tf:.2f}x | {'~4x' if comp else '~2x'} |")
     if not args.skip_loss_path:
         lp = bench_loss_path(args.loss_batch, args.loss_seq_len, args.loss_steps, args.loss_repeats)
         new, old = lp["new"], lp["old"]

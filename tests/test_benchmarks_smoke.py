@@ -24,15 +24,20 @@ def test_gpu_bench_smoke_writes_every_row(tmp_path):
     assert not {m for m in imported if m.split(".")[0] in ("deepspeed", "hydra", "omegaconf")}
     table = json.loads((tmp_path / "gpu_bench.json").read_text())
     rows = {r["name"]: r for r in table["rows"]}
-    assert list(rows) == table["meta"]["planned"] and len(rows) == 13
+    assert list(rows) == table["meta"]["planned"] and len(rows) == 15
     markdown = (tmp_path / "gpu_bench.md").read_text()
     for name, row in rows.items():
         assert f"| {name} |" in markdown
         assert row["status"] == "ok" or row["status"].startswith("error: "), row  # never missing
-    for name in ("1b new eager", "1b old-loss eager", "1b new compiled", "8b4 new eager", "8b4 old-loss eager"):
+    for name in ("1b new eager", "1b old-loss eager", "1b new compiled", "8b4 new eager", "8b4 old-loss eager",
+                 "1b block32 dense-mask eager", "1b block32 flex eager"):
         assert rows[name]["status"] == "ok", rows[name]
         assert rows[name]["tokens_per_s"] > 0 and "mfu" not in rows[name]  # no MFU on CPU
     # same init, same draws: the two loss paths start from the same loss (fp32)
     for model in ("1b", "8b4"):
         new, old = rows[f"{model} new eager"]["loss_step1"], rows[f"{model} old-loss eager"]["loss_step1"]
         assert new == pytest.approx(old, rel=1e-5)
+    # block rows: the 2L input's honest FLOPs (body twice, head once, allowed attention scores)
+    block, full = rows["1b block32 dense-mask eager"], rows["1b new eager"]
+    assert block["block"] == 8 and full["flops_per_token"] < block["flops_per_token"] < 2 * full["flops_per_token"]
+    assert block["loss_step1"] > 0

@@ -1,31 +1,41 @@
 """Checkpoints never run code on load, and a save never leaves a half-written step folder.
 
 A payload pickle (its ``__reduce__`` creates a marker file) replaces a DeepSpeed file of a
-real ZeRO-2 checkpoint: resuming and ``llada-export`` refuse it with one line, and the
-marker never appears. Saves are checked with a stand-in engine that fails mid-write.
+real checkpoint: resuming and ``llada-export`` refuse it with one line, and the marker never
+appears; also when the forger recomputed the manifest (ZeRO 0, 2 and 3: every file unpickles
+weights-only) and under ``LLADA_TRUST_UNVERIFIED_CHECKPOINTS=1``. A genuine ZeRO-3 checkpoint
+still resumes and exports. Saves are checked with a stand-in engine that fails mid-write.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import pickle
+import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llada_train import atomic
 from llada_train.atomic import write_text_atomic
 from llada_train.errors import LladaError
 from llada_train.train import checkpointing as ckpt
-from llada_train.train.manifest import MANIFEST, TRUST_ENV
-from tests.launch_utils import cli
+from llada_train.train.manifest import MANIFEST, TRUST_ENV, sha256_file, verify_manifest
+from llada_train.train.safe_load import check_pickles, weights_only_loads
+from tests.launch_utils import cli, run
 
 TAG = "step_00000002"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 MODEL = "mp_rank_00_model_states.pt"
+MODEL3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3's module state, one per rank
+REFUSED = "holds objects outside the checkpoint allowlist"
 
 
 class Payload:
@@ -44,28 +54,59 @@ def payload_bytes(marker: Path, size: int | None = None) -> bytes:
     return data if size is None else data + b"\0" * (size - len(data))
 
 
-def overrides(demo_data: Path, run_dir: Path, steps: int) -> list[str]:
+def overrides(demo_data: Path, run_dir: Path, steps: int, stage: int = 2, export: bool = False) -> list[str]:
     return [
         f"run_dir={run_dir}", f"data.path={demo_data / 'shards'}",
         f"data.tokenizer={demo_data / 'tokenizer.json'}", f"trainer.max_steps={steps}",
         "trainer.seq_len=32", "trainer.global_batch_size=4", "trainer.micro_batch_size=4",
-        "deepspeed=zero2", "logging.progress_bar=false", "trainer.export_at_end=false",
+        "model.n_layers=2", f"deepspeed=zero{stage}", "logging.progress_bar=false",
+        f"trainer.export_at_end={str(export).lower()}",
     ]
 
 
 @pytest.fixture(scope="module")
-def zero2_run(demo_data, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("zero2") / "run"
-    cli("llada-pretrain", overrides(demo_data, run_dir, 2))
-    assert (run_dir / "checkpoints" / "latest").read_text() == TAG
-    return run_dir
+def saved(demo_data, tmp_path_factory) -> Callable[[int], Path]:
+    """``saved(stage)``: a 1-rank, 2-step run of that ZeRO stage, trained once per module."""
+    runs: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+            cli("llada-pretrain", overrides(demo_data, run_dir, 2, stage))
+            assert (run_dir / "checkpoints" / "latest").read_text() == TAG
+            runs[stage] = run_dir
+        return runs[stage]
+
+    return get
+
+
+@pytest.fixture
+def zero2_run(saved) -> Path:
+    return saved(2)
+
+
+def copy_run(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dst
 
 
 @pytest.fixture
 def run_copy(zero2_run, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(zero2_run, dst)
-    return dst
+    return copy_run(zero2_run, tmp_path)
+
+
+def forge(step: Path, victim: str, marker: Path, manifest: bool = True) -> Path:
+    """Replace ``victim`` with a torch.save archive holding the payload; with ``manifest``,
+    recompute the step's manifest to match, as anyone handing over a whole folder can."""
+    f = step / victim
+    torch.save({"module": {}, "optimizer_state_dict": Payload(marker)}, f)
+    if manifest:
+        files = json.loads((step / MANIFEST).read_text())
+        files["files"][victim] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        (step / MANIFEST).write_text(json.dumps(files))
+        assert verify_manifest(step)  # the hash check alone would let it through
+    return f
 
 
 def one_error_line(proc) -> str:
@@ -126,6 +167,89 @@ def test_export_refuses_an_added_shard(run_copy, tmp_path):
     assert not marker.exists()
 
 
+# one file per stage; resume scans every pickle, export reads each file kind in turn
+FORGED = [(0, MODEL), (2, OPTIM), (3, MODEL3)]
+
+
+@pytest.mark.parametrize("stage,victim", FORGED)
+def test_forged_file_with_a_matching_manifest_is_refused_and_never_runs(
+    demo_data, saved, tmp_path, stage, victim
+):
+    run_dir = copy_run(saved(stage), tmp_path)
+    marker = tmp_path / "ran"
+    f = forge(run_dir / "checkpoints" / TAG, victim, marker)
+    line = one_error_line(cli("llada-pretrain", overrides(demo_data, run_dir, 3, stage), check=False))
+    assert line.startswith(f"error: {f} {REFUSED}") and "the checkpoint is refused" in line
+    out = tmp_path / "export"
+    line = one_error_line(cli("llada-export", ["--run-dir", str(run_dir), "--out", str(out)], check=False))
+    assert line.startswith(f"error: {f} {REFUSED}") and "the checkpoint is refused" in line
+    assert not marker.exists() and not out.exists()
+
+
+# the resume entry point with the pickle scan switched off: DeepSpeed's loads stand alone
+NO_SCAN = ("import sys; import llada_train.train.checkpointing as c; "
+           "c.check_pickles = lambda *a, **k: None; sys.argv[0] = 'llada-pretrain'; "
+           "from llada_train.cli.pretrain import main; main()")
+
+
+def test_deepspeeds_own_loads_are_weights_only_without_the_scan(demo_data, saved, tmp_path):
+    run_dir = copy_run(saved(3), tmp_path)
+    marker = tmp_path / "ran"
+    f = forge(run_dir / "checkpoints" / TAG, OPTIM, marker)  # ZeRO-3's optimizer load path
+    proc = run([sys.executable, "-c", NO_SCAN, *overrides(demo_data, run_dir, 3, 3)], check=False)
+    line = one_error_line(proc)
+    assert line.startswith(f"error: {f} {REFUSED} (Unsupported global: GLOBAL ")
+    assert not marker.exists()
+
+
+def test_a_genuine_zero3_checkpoint_resumes_and_exports_weights_only(demo_data, saved, tmp_path):
+    # what a real checkpoint holds is allowlisted; the other genuine loads are tested elsewhere:
+    # ZeRO-0/2 resume (test_train_e2e, the kill -9 test), ZeRO-2 export (below), ZeRO-0/3
+    # export (test_train_distributed)
+    stage = 3
+    run_dir = copy_run(saved(stage), tmp_path)
+    proc = cli("llada-pretrain", overrides(demo_data, run_dir, 3, stage, export=True))
+    assert f"resumed from {run_dir / 'checkpoints' / TAG} at step 2" in proc.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
+    cli("llada-export", ["--run-dir", str(run_dir), "--out", str(tmp_path / "offline")])
+    live = load_file(run_dir / "export" / "model.safetensors")
+    offline = load_file(tmp_path / "offline" / "model.safetensors")
+    assert live.keys() == offline.keys() and all(torch.equal(live[k], offline[k]) for k in live)
+
+
+def test_weights_only_loads_covers_deepspeeds_loader_and_restores_torch(tmp_path):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    marker, bad, good = tmp_path / "ran", tmp_path / "bad.pt", tmp_path / "good.pt"
+    torch.save({"optimizer_state_dict": Payload(marker)}, bad)
+    state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+             "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "t": torch.ones(2)}
+    torch.save(state, good)
+    bound_early, load = torch.load, TorchCheckpointEngine().load  # DeepSpeed: weights_only=False
+    with weights_only_loads(tmp_path):
+        loaded = load(str(good), map_location="cpu")
+        assert loaded["zero_stage"] == 2 and loaded["loss_scaler"].cur_scale == 1.0
+        assert loaded["param_slice_mappings"][0]["w"].numel == 4
+        with pytest.raises(LladaError, match=f"{bad} {REFUSED}"):
+            load(str(bad), map_location="cpu")
+    with pytest.raises(LladaError, match=f"a file of {tmp_path} {REFUSED}"), weights_only_loads(tmp_path):
+        bound_early(bad, weights_only=False)  # a loader bound before the scope: torch's own override
+    assert not marker.exists() and torch.load is bound_early
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    with pytest.raises(pickle.UnpicklingError):  # outside the scope nothing is allowlisted
+        torch.load(good, weights_only=True)
+    # resume first scans every pickle statically, so all ranks refuse a bad shard together
+    with pytest.raises(LladaError, match=re.escape(f"{bad} {REFUSED} (GLOBAL ")):
+        check_pickles(tmp_path)
+    bad.write_bytes(payload_bytes(marker))  # a bare pickle, not torch.save's zip archive
+    with pytest.raises(LladaError, match=re.escape(f"{bad} is not a readable torch.save archive")):
+        check_pickles(tmp_path)
+    assert not marker.exists()
+
+
 def test_resume_refuses_a_truncated_file(demo_data, run_copy):
     f = run_copy / "checkpoints" / TAG / MODEL
     size = f.stat().st_size
@@ -145,13 +269,18 @@ def test_checkpoint_without_manifest_needs_explicit_trust(run_copy, tmp_path, mo
     proc = cli("llada-export", args)
     assert f"warning: loading {run_copy / 'checkpoints' / TAG} unverified ({TRUST_ENV}=1)" in proc.stderr
     assert (out / "model.safetensors").exists()
+    # trust skips the hash check only: a forged file is still unpickled weights-only
+    marker = tmp_path / "ran"
+    f = forge(run_copy / "checkpoints" / TAG, OPTIM, marker, manifest=False)
+    line = one_error_line(cli("llada-export", [*args[:3], str(tmp_path / "e2")], check=False))
+    assert line.startswith(f"error: {f} {REFUSED}") and not marker.exists()
 
 
 def test_rank_state_with_a_payload_is_refused(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "rank_state_00000.pt"
     torch.save({"reader": Payload(marker)}, path)
-    with pytest.raises(LladaError, match="refusing to unpickle"):
+    with pytest.raises(LladaError, match=f"{path} {REFUSED}"):
         ckpt.load_rank_state(path)
     assert not marker.exists()
     state = {"reader": {"position": 7, "order": [1, 2]}, "generator": torch.Generator().get_state()}
@@ -169,10 +298,10 @@ class FakeEngine:
     def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
         folder = Path(root) / tag
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / MODEL).write_bytes(b"m" * 1000)
+        torch.save({"module": {"w": torch.ones(250)}}, folder / MODEL)  # loads are pickle-scanned
         if self.fail is not None:
             raise self.fail
-        (folder / OPTIM).write_bytes(b"o" * 3000)
+        torch.save({"optimizer_state_dict": {"m": torch.ones(750)}}, folder / OPTIM)
 
     def load_checkpoint(self, root: str, tag: str, **_: object) -> tuple[str, dict]:
         self.loaded = True
@@ -220,7 +349,7 @@ def test_save_replaces_a_killed_partial_and_load_checks_the_manifest(tmp_path):
     save(tmp_path, 3)  # the same step saved again (after a resume from an older one) replaces it
     assert ckpt.latest_tag(tmp_path) == "step_00000003" and not list(root.glob(".partial_*"))
     with open(folder / OPTIM, "r+b") as f:  # one flipped byte, same size
-        f.write(b"O")
+        f.write(b"X")
     engine = FakeEngine()
     with pytest.raises(LladaError, match="does not match the sha256"):
         ckpt.load_checkpoint(engine, tmp_path, "step_00000003")

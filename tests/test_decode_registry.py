@@ -18,6 +18,7 @@ from llada_train.sample import (
     med_generate,
     tolerator_generate,
 )
+from llada_train.sample.block import block_generate
 from tests.conftest import REPO
 from tests.test_eval_cli import model_dir  # noqa: F401  (module-scoped fixture: tiny model folder)
 
@@ -36,6 +37,7 @@ SETTINGS = {
     "hex": dict(block_lengths=[2, 4], tokens_per_step=1, eos_zero_confidence=True),
     "tolerator": dict(budget=6, rho=0.7, gamma_start=0.5, block_length=8),
     "infill": dict(answer_length=2, delimiter="####", entropy_threshold=5.0),
+    "block": dict(block_size=4, steps=2, threshold=0.3, minimal_topk=2, use_cache=False),
 }
 
 
@@ -58,6 +60,9 @@ def direct(name: str, model, ids, attn, codec, gen):
     elif name == "tolerator":
         out = tolerator_generate(model, ids, G, 6, eot_token_ids=[EOS, EOT], rho=0.7,
                                  gamma_start=0.5, block_length=8, **kw)
+    elif name == "block":
+        out = block_generate(model, ids, G, 4, 2, threshold=0.3, minimal_topk=2, use_cache=False,
+                             eos_token_id=EOS, eot_token_id=EOT, **kw)
     elif name == "hex":
         hx = hex_generate(model, ids, G, decode=codec.decode, extract=ext, block_lengths=[2, 4],
                           tokens_per_step=1, eos_token_id=EOS, eot_token_id=EOT,

@@ -117,6 +117,29 @@ def test_converted_and_ar_variants_load_with_our_logits(transformers, tmp_path, 
         assert rel_err(ours(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits) < 1e-5
 
 
+@pytest.mark.parametrize("extra", [{}, {"shift_logits": True}], ids=["plain", "shift"])
+def test_block_diffusion_export_is_block_causal_in_transformers(transformers, tmp_path, extra):
+    # config.block_size > 0 (objective=block): AutoModel applies the block-causal inference mask
+    cfg = ModelConfig(**GQA, block_size=4, **extra)
+    ours = random_model(cfg, seed=5)
+    export = save_pretrained(ours.state_dict(), cfg, tmp_path / "export")
+    assert json.loads((export / "config.json").read_text())["block_size"] == 4
+    ids, mask = left_padded(3, 12, cfg.vocab_size, pads=[0, 4, 9])
+    hf = transformers.AutoModel.from_pretrained(export, trust_remote_code=True)
+    with torch.no_grad():
+        ref = ours(ids)
+        assert rel_err(ref, hf(ids).logits) < 1e-5
+        assert rel_err(ours(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits) < 1e-5
+        assert rel_err(ref, ours(ids, block_size=0)) > 1e-3  # not the bidirectional logits
+        # block-causal: blocks 0-1 (positions < 8) do not see a change in block 2
+        later = ids.clone()
+        later[:, 9] = (later[:, 9] + 1) % cfg.vocab_size
+        out = hf(later).logits
+    rows = 9 if extra else 8  # shifted: row 8 holds position 7's prediction, still unchanged
+    assert torch.equal(out[:, :rows], hf(ids).logits[:, :rows].detach())
+    assert not torch.allclose(out[:, rows:], ref[:, rows:])
+
+
 def test_hf_model_semantics(transformers, tmp_path):
     """Checks on the transformers model alone: bidirectional, padding hides keys only."""
     cfg = ModelConfig(**GQA)

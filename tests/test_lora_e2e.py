@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from llada_train.model import LLaDAModel, save_pretrained
 from llada_train.model.config import ModelConfig
+from llada_train.train.safe_load import torch_load
 from tests.conftest import REPO
 from tests.launch_utils import cli, metrics, run, torchrun_cmd
 
@@ -66,7 +67,7 @@ def test_lora_sft_loss_falls_and_checkpoints_hold_only_adapters(lora_run, base, 
     print(f"LoRA SFT loss: first 3 steps {start:.3f}, last 5 steps {end:.3f}")
     assert len(losses) == STEPS and end < 0.9 * start
     step = lora_run / "checkpoints" / f"step_{STEPS:08d}"
-    module = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    module = torch_load(step / "mp_rank_00_model_states.pt")["module"]
     assert module and all(".lora_A.default." in k or ".lora_B.default." in k for k in module)
     full_dir = tmp_path / "full"
     cli("llada-sft", sft(full_dir, base, demo_data, "trainer.max_steps=1", "trainer.export_at_end=false"))

@@ -66,5 +66,6 @@ def _zero3_rank() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.isa
 def test_masked_row_loss_and_grads_under_zero3_match_full_logits():
     run_distributed(_zero3_rank, world_size=2, timeout_s=300)

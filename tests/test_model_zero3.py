@@ -61,5 +61,6 @@ def _check_policy(policy: str, ref: LLaDAModel, ds_cfg: dict, rank: int, world: 
 
 
 @pytest.mark.slow
+@pytest.mark.isa
 def test_checkpointed_gqa_model_under_zero3_matches_plain():
     run_distributed(_zero3_rank, world_size=2, timeout_s=300)

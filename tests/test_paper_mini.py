@@ -15,6 +15,7 @@ from tests.conftest import REPO
 
 
 @pytest.mark.slow
+@pytest.mark.isa
 def test_paper_mini_quick(shared_data: Path, tmp_path: Path) -> None:
     data = shared_data / "tinyshakespeare" / "input.txt"
     if not data.is_file():

@@ -72,17 +72,18 @@ def reference_generate(model, rows, attn, gen_length, steps, block_length, cfg_s
                     un_logits = model(un, attention_mask=full_attn).float()
                     calls += 1
                     logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
-            logits[:, :, MASK] = float("-inf")  # MASK is never a prediction
             if forbid_eos:
                 logits[:, :, EOS] = float("-inf")
-            probs = torch.softmax(logits, -1)
+            probs = torch.softmax(logits, -1)  # MASK stays in the denominator, as released
+            choice = logits.clone()
+            choice[:, :, MASK] = float("-inf")  # MASK is never a prediction: only the choice skips it
             for r in range(B):
                 k = M[r] // S + (1 if step < M[r] % S else 0)
                 scored = []
                 for i in range(lo, hi):  # only the current block; later positions stay masked
                     if x[r][i] != MASK:
                         continue
-                    tok = int(logits[r, i].argmax())
+                    tok = int(choice[r, i].argmax())
                     conf = 0.0 if tok in zero_conf_ids else float(probs[r, i, tok])
                     scored.append((conf, i, tok))
                 scored.sort(key=lambda t: -t[0])  # stable: ties keep position order

@@ -7,10 +7,8 @@ remasking) written out line by line: the EOS/EoT logits become -inf after the ar
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llada_train.sample import generate
 from llada_train.sample.common import (
@@ -22,6 +20,7 @@ from llada_train.sample.common import (
     sample_tokens,
     top_k_mask,
 )
+from tests import released_llada
 
 V, MASK, EOS, EOT = 40, 39, 1, 5
 
@@ -39,44 +38,15 @@ class ToyModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.emb[x].cumsum(1) / 4  # (B, L, V): each position sees the canvas to its left
         logits = ctx + self.pos[: x.shape[1]]
-        # MASK is never predicted (our samplers' forbid_mask; the released model in practice)
+        # MASK is never predicted (the released model in practice)
         logits[..., MASK] = -torch.inf
         return logits
 
 
 def released_generate(model, prompt, steps, gen_length, block_length):
     """The released LLaDA ``generate`` with ``confidence_eos_eot_inf=True``, temperature 0."""
-    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), MASK, dtype=torch.long)
-    x[:, : prompt.shape[1]] = prompt.clone()
-    num_blocks = gen_length // block_length
-    steps = steps // num_blocks
-    for num_block in range(num_blocks):
-        block_mask_index = (
-            x[:, prompt.shape[1] + num_block * block_length : prompt.shape[1] + (num_block + 1) * block_length]
-            == MASK
-        )
-        mask_num = block_mask_index.sum(dim=1, keepdim=True)
-        base, remainder = mask_num // steps, mask_num % steps
-        num_transfer_tokens = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
-        for i in range(mask_num.size(0)):
-            num_transfer_tokens[i, : remainder[i]] += 1
-        for i in range(steps):
-            mask_index = x == MASK
-            logits = model(x)
-            logits_with_noise = logits  # add_gumbel_noise returns logits itself at temperature 0
-            x0 = torch.argmax(logits_with_noise, dim=-1)
-            logits_with_noise[:, :, EOS] = logits[:, :, EOT] = -torch.inf
-            p = F.softmax(logits, dim=-1)
-            x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
-            x0_p[:, prompt.shape[1] + (num_block + 1) * block_length :] = -np.inf
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, -np.inf)
-            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
-            for j in range(confidence.shape[0]):
-                _, select_index = torch.topk(confidence[j], k=num_transfer_tokens[j, i])
-                transfer_index[j, select_index] = True
-            x[transfer_index] = x0[transfer_index]
-    return x
+    return released_llada.released_generate(model, prompt, steps, gen_length, block_length,
+                                            eos_eot=(EOS, EOT), mask_id=MASK)
 
 
 def ours(model, prompt, steps, gen_length, block_length):

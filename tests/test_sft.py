@@ -44,27 +44,51 @@ def base_export(demo_data, tmp_path_factory):
     return run_dir / "export"
 
 
+def stops_with_eos_fill(answer: list[int], eot: int, eos: int) -> bool:
+    """A short answer, ``<|eot_id|>``, then nothing but end tokens (EOS fill; a repeated
+    ``<|eot_id|>`` is parallel decoding's duplicate of the same prediction, not more text)."""
+    if eot not in answer:
+        return False
+    stop = answer.index(eot)
+    return 0 < stop < 20 and all(t in (eos, eot) for t in answer[stop + 1:])
+
+
+@pytest.mark.isa
 def test_sft_learns_to_answer_and_stop_with_eos_fill(base_export, demo_data, tmp_path):
+    """40 prompts of every kind must stop. Measured with this training: 40/40 under the native
+    AVX-512 kernels, ATEN_CPU_CAPABILITY=avx2 and =default; the bar is 36. (The former
+    200-step, 1e-3 run stopped on 36/40 natively and 2/40 under avx2.)"""
+    from llada_train.cli.demo_report import held_out_dialogues
+
     run_dir = tmp_path / "sft"
     cli("llada-sft", sft_args(run_dir, base_export, demo_data / "sft", demo_data / "tokenizer.json",
-                              "trainer.max_steps=200"), timeout=600)
+                              "trainer.max_steps=400", "schedule.peak_lr=2e-3"), timeout=900)
     losses = [m["loss"] for m in metrics(run_dir)]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     model = load_pretrained(run_dir / "export")
     tok = load_tokenizer(run_dir / "export")
     eos, eot = model.config.eos_token_id, tok.token_to_id("<|eot_id|>")
     chat = ChatEncoder(tok)
+    fixed = ["what is 2 plus 3 ?", "what does a cow say ?", "what colour is the grass ?", "what is 7 minus 4 ?"]
+    by_kind, _ = held_out_dialogues(6, set())
+    prompts = [[{"role": "user", "content": q}] for q in fixed]
+    prompts += [d[:-1] for dialogues in by_kind.values() for d in dialogues]
+    assert len(prompts) == 40
     ended = 0
-    questions = ["what is 2 plus 3 ?", "what does a cow say ?", "what colour is the grass ?", "what is 7 minus 4 ?"]
-    for q in questions:
-        prompt = torch.tensor([chat.encode_prompt([{"role": "user", "content": q}])])
+    for messages in prompts:
+        prompt = torch.tensor([chat.encode_prompt(messages)])
         out = generate(model, prompt, gen_length=32, steps=32, block_length=32, mask_token_id=model.config.mask_token_id)
-        answer = out.tokens[0, prompt.shape[1]:].tolist()
-        # a short answer, <|eot_id|>, then nothing but EOS padding to the end
-        if eot in answer:
-            stop = answer.index(eot)
-            ended += 0 < stop < 20 and all(t == eos for t in answer[stop + 1:])
-    assert ended >= 3, f"only {ended}/4 answers stopped with EOS fill"
+        ended += stops_with_eos_fill(out.tokens[0, prompt.shape[1]:].tolist(), eot, eos)
+    assert ended >= 36, f"only {ended}/40 answers stopped with EOS fill"
+
+
+def test_the_stop_rule_by_hand():
+    eot, eos = 5, 1
+    assert stops_with_eos_fill([70, 276, 262, eot, eos, eos], eot, eos)
+    assert stops_with_eos_fill([70, 276, 262, eot, eot, eos], eot, eos)  # a duplicated end token
+    assert not stops_with_eos_fill([70, 276, 262, eot, 70, eos], eot, eos)  # text after the end
+    assert not stops_with_eos_fill([eot, eos, eos], eot, eos)  # an empty answer
+    assert not stops_with_eos_fill([70, 276, 262, eos, eos], eot, eos)  # no end of turn
 
 
 def test_sft_under_zero3_loads_the_same_weights_as_zero0(base_export, demo_data, tmp_path):

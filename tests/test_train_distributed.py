@@ -53,6 +53,7 @@ def zero_runs(demo_data, tmp_path_factory):
     return runs
 
 
+@pytest.mark.isa
 def test_zero_stages_give_the_same_losses(zero_runs):
     reference = [m["loss"] for m in metrics(zero_runs[0])]
     assert len(reference) == STEPS

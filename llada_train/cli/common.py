@@ -23,7 +23,7 @@ from llada_train.atomic import write_text_atomic
 from llada_train.config import to_container
 from llada_train.data.stream import Reader, ReaderInfo
 from llada_train.diffusion import ObjectiveConfig, build_objective
-from llada_train.diffusion.ar import require_causal
+from llada_train.diffusion.registry import prepare_run
 from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
 from llada_train.tokenizer import check_tokenizer_fits, load_tokenizer
@@ -39,6 +39,7 @@ from llada_train.train.loop import LoopConfigs, Trainer, TrainerConfig, TrainRes
 from llada_train.train.optim import OptimConfig
 from llada_train.train.parts import Objective, RunContext, TrainerParts
 from llada_train.train.preemption import PreemptionFlag
+from llada_train.train.schedule import ScheduleConfig, curriculum_sizes
 from llada_train.train.validation import ValidationConfig, Validator
 
 
@@ -132,8 +133,8 @@ ObjectiveBuilder = Callable[[ObjectiveConfig, ModelConfig], Objective]
 
 
 def default_objective(cfg: ObjectiveConfig, model_cfg: ModelConfig) -> Objective:
-    """The objective named by ``objective.name`` (pretrain or sft)."""
-    return build_objective(cfg, model_cfg.mask_token_id)
+    """The objective named by ``objective.name`` (diffusion/registry.py's table)."""
+    return build_objective(cfg, model_cfg.mask_token_id, model_cfg.eos_token_id)
 
 
 @dataclass
@@ -172,8 +173,11 @@ def preflight(cfg: DictConfig, world_size: int, check: StartCheck | None = None)
             f"trainer.seq_len={trainer_cfg.seq_len} exceeds model.max_sequence_length="
             f"{model_cfg.max_sequence_length}: shorten trainer.seq_len"
         )
-    if cfg.objective.name == "ar":
-        require_causal(model_cfg)
+    # the objective against the model, the length and the schedule's block curriculum; it
+    # returns the model config to train and export (e.g. objective=block records its blocks)
+    obj_cfg: ObjectiveConfig = OmegaConf.to_object(cfg.objective)
+    schedule_cfg: ScheduleConfig = OmegaConf.to_object(cfg.schedule)
+    model_cfg = prepare_run(obj_cfg, model_cfg, trainer_cfg.seq_len, curriculum_sizes(schedule_cfg))
     optim_cfg: OptimConfig = OmegaConf.to_object(cfg.optim)
     ds_cfg: DeepSpeedConfig = OmegaConf.to_object(cfg.deepspeed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as init_distributed

@@ -1,17 +1,23 @@
 """Summarise the demo: loss at start and end, then completions sampled from the exports.
 
-    python -m llada_train.cli.demo_report --run-dir runs/demo/pretrain [--sft-dir runs/demo/sft]
+    python -m llada_train.cli.demo_report --run-dir runs/demo/pretrain \
+        [--sft-dir runs/demo/sft --chat runs/demo/data/chat.jsonl]
 
-With ``--sft-dir`` it also prints chat completions of the SFT model next to the base model's.
+With ``--sft-dir`` it also prints chat completions of the SFT model next to the base model's,
+and both models' accuracy on held-out dialogues of each kind (drawn with another seed; any
+dialogue that also occurs in ``--chat``, the SFT training set, is left out).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from data_pipelines.demo_corpus import generate_dialogues
 from llada_train.chat import ChatEncoder
 from llada_train.cli.plot import read_metrics
 from llada_train.errors import exit_on_error
@@ -37,6 +43,67 @@ PROMPTS = [
     "the grass is",
     "lily went to the zoo . at the zoo she saw",
 ]
+
+
+HELD_OUT_SEED = 20_261_202  # not the corpus's seed: fresh draws of the same templates
+KINDS = ("arithmetic", "animal sounds", "animal legs", "colours", "stories", "multi-turn")
+
+
+def dialogue_kind(messages: list[dict[str, str]]) -> str:
+    """The question kind of a demo dialogue (multi-turn wins over the topic)."""
+    if len(messages) > 2:
+        return "multi-turn"
+    q = messages[0]["content"]
+    if " gives " in q:
+        return "stories"
+    if " plus " in q or " minus " in q:
+        return "arithmetic"
+    if " say " in q:
+        return "animal sounds"
+    if " legs " in q:
+        return "animal legs"
+    return "colours"
+
+
+def held_out_dialogues(
+    per_kind: int, seen: set[str]
+) -> tuple[dict[str, list[list[dict[str, str]]]], set[str]]:
+    """``per_kind`` fresh dialogues of each kind, none of them in ``seen`` (json of training
+    messages) where the kind has enough unseen ones, and the kinds where it has not.
+
+    Animal and colour questions are few (10 animals, 12 things) and all occur in the SFT set,
+    so those kinds test recall of trained facts; arithmetic, stories and multi-turn dialogues
+    are held out.
+    """
+    unseen: dict[str, list[list[dict[str, str]]]] = defaultdict(list)
+    fresh: dict[str, list[list[dict[str, str]]]] = defaultdict(list)
+    for messages in generate_dialogues(50 * per_kind * len(KINDS), HELD_OUT_SEED):
+        kind = dialogue_kind(messages)
+        bucket = fresh[kind] if json.dumps(messages) in seen else unseen[kind]
+        if len(bucket) < per_kind:
+            bucket.append(messages)
+    trained = {k for k in KINDS if len(unseen[k]) < per_kind}
+    return {k: (fresh[k] + unseen[k])[:per_kind] if k in trained else unseen[k] for k in KINDS}, trained
+
+
+def accuracy_by_kind(
+    export_dir: Path, buckets: dict[str, list[list[dict[str, str]]]], chat: ChatEncoder
+) -> dict[str, tuple[int, int]]:
+    """(right, asked) per kind: the completion must equal the reference answer exactly."""
+    kinds = [k for k in KINDS if buckets.get(k)]
+    dialogues = [d for k in kinds for d in buckets[k]]
+    prompts = [chat.encode_prompt(d[:-1]) for d in dialogues]
+    answers = complete(export_dir, prompts, gen_length=24)
+    scores: dict[str, tuple[int, int]] = {}
+    i = 0
+    for k in kinds:
+        n = len(buckets[k])
+        right = sum(
+            a.split(" [+")[0] == d[-1]["content"]
+            for a, d in zip(answers[i : i + n], dialogues[i : i + n], strict=True)
+        )
+        scores[k], i = (right, n), i + n
+    return scores
 
 
 def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -72,6 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="pre-training run")
     parser.add_argument("--sft-dir", type=Path, default=None, help="SFT run started from --run-dir's export")
+    parser.add_argument("--chat", type=Path, default=None,
+                        help="the SFT training dialogues (jsonl); held-out questions avoid them")
+    parser.add_argument("--per-kind", type=int, default=10, help="held-out dialogues per kind")
     args = parser.parse_args()
     base = args.run_dir / "export"
     print_losses("pre-training", args.run_dir)
@@ -92,6 +162,21 @@ def main() -> None:
         print(f"  user: {messages[-1]['content']}" + (f"  (after {len(messages) // 2} earlier turn)" if len(messages) > 1 else ""))
         print(f"    base: {b}")
         print(f"    sft : {s}")
+    seen = set()
+    if args.chat is not None:
+        seen = {json.dumps(json.loads(line)["messages"]) for line in args.chat.read_text().splitlines()}
+    buckets, trained = held_out_dialogues(args.per_kind, seen)
+    base_acc = accuracy_by_kind(base, buckets, chat)
+    sft_acc = accuracy_by_kind(args.sft_dir / "export", buckets, chat)
+    print(f"\naccuracy on fresh dialogues (exact answer; {args.per_kind} per kind):")
+    print(f"  {'kind':<14} {'base':>7} {'sft':>7}")
+    for kind in sft_acc:
+        (rb, n), (rs, _) = base_acc[kind], sft_acc[kind]
+        note = "  (every such question is in the SFT data)" if kind in trained else "  (not in the SFT data)"
+        print(f"  {kind:<14} {rb:>3}/{n:<3} {rs:>3}/{n:<3}{note if args.chat else ''}")
+    total = sum(n for _, n in sft_acc.values())
+    print(f"  {'all':<14} {sum(r for r, _ in base_acc.values()):>3}/{total:<3} "
+          f"{sum(r for r, _ in sft_acc.values()):>3}/{total:<3}")
 
 
 def print_losses(stage: str, run_dir: Path) -> None:

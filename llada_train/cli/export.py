@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from llada_train.diffusion import ObjectiveConfig
+from llada_train.diffusion.registry import prepare_run
 from llada_train.errors import LladaError, exit_on_error
 from llada_train.model import lora
 from llada_train.model.checkpoint import save_pretrained
@@ -30,13 +32,21 @@ from llada_train.train.checkpointing import (
     consolidate_checkpoint,
     latest_tag,
 )
+from llada_train.train.schedule import ScheduleConfig, curriculum_sizes
 
 
 def run_model_config(run_dir: Path) -> tuple[ModelConfig, str | None]:
-    """The model config and tokenizer path recorded in a run's ``config.yaml``."""
+    """The model config and tokenizer path recorded in a run's ``config.yaml``, finished as the
+    run's objective finishes it (objective=block records the curriculum's final block size,
+    as the end-of-run export does)."""
     cfg = _run_config(run_dir)
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.model))
-    return resolve_model_config(model_cfg, cfg.get("init_from")), cfg.data.get("tokenizer")
+    model_cfg = resolve_model_config(model_cfg, cfg.get("init_from"))
+    if "objective" in cfg:  # every run of llada-pretrain / llada-sft records it
+        obj_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ObjectiveConfig), cfg.objective))
+        schedule = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ScheduleConfig), cfg.schedule))
+        model_cfg = prepare_run(obj_cfg, model_cfg, int(cfg.trainer.seq_len), curriculum_sizes(schedule))
+    return model_cfg, cfg.data.get("tokenizer")
 
 
 def _run_config(run_dir: Path) -> Any:

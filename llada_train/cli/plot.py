@@ -1,4 +1,4 @@
-"""``llada-plot``: loss and learning-rate curves of a run, from ``metrics.jsonl`` to PNG.
+"""``llada-plot``: loss, learning-rate (and block-size) curves of a run, from ``metrics.jsonl`` to PNG.
 
     llada-plot runs/x            # writes runs/x/plots/curves.png
 """
@@ -23,8 +23,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_curves(rows: list[dict], out: Path) -> Path:
-    """Two panels (loss, lr) against step, saved as PNG.
+def run_seq_len(run_dir: Path) -> int | None:
+    """``trainer.seq_len`` from the run's ``config.yaml`` (None when absent): the length a
+    block size of 0 (the whole sequence) stands for."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        return int(yaml.safe_load(path.read_text())["trainer"]["seq_len"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def plot_curves(rows: list[dict], out: Path, seq_len: int | None = None) -> Path:
+    """Two panels (loss, lr) against step, saved as PNG; a third with the block size when the
+    run had a block-size curriculum (its transitions are where the loss may jump; a block
+    size of 0, the whole sequence, is drawn at ``seq_len`` when known).
 
     Validation rows (``val_loss``) are drawn on the loss panel with +-2 standard errors.
     """
@@ -36,7 +52,9 @@ def plot_curves(rows: list[dict], out: Path) -> Path:
     except ImportError as exc:
         raise LladaError("llada-plot needs matplotlib: pip install 'llada-train[plot]'") from exc
     steps = [r["step"] for r in rows]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    blocks = [r for r in rows if "block_size" in r]
+    fig, axes = plt.subplots(3 if blocks else 2, 1, figsize=(8, 8 if blocks else 6), sharex=True)
+    ax_loss, ax_lr = axes[0], axes[1]
     ax_loss.plot(steps, [r["loss"] for r in rows], label="train loss")
     val = [r for r in rows if "val_loss" in r]
     if val:
@@ -48,8 +66,16 @@ def plot_curves(rows: list[dict], out: Path) -> Path:
     ax_loss.grid(alpha=0.3)
     ax_lr.plot(steps, [r["lr"] for r in rows], color="tab:orange")
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
+    if blocks:
+        ax_b = axes[2]
+        sizes = [r["block_size"] or seq_len or 0 for r in blocks]
+        ax_b.step([r["step"] for r in blocks], sizes, where="post", color="tab:purple")
+        if seq_len and min(sizes) > 0:
+            ax_b.set_yscale("log", base=2)
+        ax_b.set_ylabel(f"block size (L = {seq_len})" if seq_len else "block size (0 = L)")
+        ax_b.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.png")
@@ -65,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default RUN_DIR/plots/curves.png)")
     args = parser.parse_args(argv)
-    out = plot_curves(read_metrics(args.run_dir), args.out or args.run_dir / "plots" / "curves.png")
+    out = plot_curves(read_metrics(args.run_dir), args.out or args.run_dir / "plots" / "curves.png",
+                      run_seq_len(args.run_dir))
     print(f"wrote {out}")
 
 

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from llada_train.diffusion.chunked_ce import chunked_head_ce, masked_rows
-from llada_train.diffusion.losses import LossOutput, ObjectiveConfig
+from llada_train.diffusion.objective_base import LossOutput, ObjectiveConfig, full_sequence_run
 from llada_train.errors import LladaError
+from llada_train.model.config import ModelConfig
 
 
 def ar_targets(
@@ -48,7 +49,6 @@ def ar_targets(
     return targets, predicted
 
 
-
 def require_causal(model_cfg: Any) -> None:
     """``objective=ar`` trains only a causal model (checked at start-up and at each call)."""
     if not model_cfg.causal:
@@ -56,6 +56,7 @@ def require_causal(model_cfg: Any) -> None:
             "objective=ar needs a causal model: set model.causal=true "
             "(a bidirectional model sees the token it predicts)"
         )
+
 
 class ARObjective:
     """Next-token CE averaged over the predicted tokens of the (micro-)batch.
@@ -65,8 +66,18 @@ class ARObjective:
     bidirectional model, which could read the token it is asked to predict.
     """
 
-    def __init__(self, cfg: ObjectiveConfig, mask_token_id: int | None = None) -> None:
-        self.cfg = cfg  # mask_token_id is unused: the AR objective masks nothing
+    def __init__(
+        self, cfg: ObjectiveConfig, mask_token_id: int | None = None, eos_token_id: int | None = None
+    ) -> None:
+        self.cfg = cfg  # the token ids are unused: the AR objective masks and pads nothing
+
+    @classmethod
+    def prepare(
+        cls, cfg: ObjectiveConfig, model_cfg: ModelConfig, seq_len: int, curriculum: list[int]
+    ) -> ModelConfig:
+        """Start-up: a causal model, and no block curriculum (the registry's hook)."""
+        require_causal(model_cfg)
+        return full_sequence_run(cfg, model_cfg, curriculum)
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], generator: Any = None) -> LossOutput:
         inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model

@@ -30,16 +30,21 @@ def masked_rows(
     hidden: torch.Tensor,  # (B, L, d)
     targets: torch.Tensor,  # (B, L) int64
     masked: torch.Tensor,  # (B, L) bool
-    row_weight: torch.Tensor,  # (B,) weight of every masked position of that row
+    row_weight: torch.Tensor,  # (B,) weight of every masked position of that row, or (B, L)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The masked positions as rows: hidden (R, d), targets (R,), fp32 weights (R,)."""
+    """The masked positions as rows: hidden (R, d), targets (R,), fp32 weights (R,).
+
+    ``row_weight`` is one weight per row, or (B, L) one per position (block diffusion's
+    per-block t)."""
     B, L, d = hidden.shape
     # The one host sync of the loss: R (the number of masked positions) sizes the gathered
     # tensors, so `nonzero` must tell the host how many there are.
     idx = masked.reshape(-1).nonzero().squeeze(1)  # (R,)
     rows = hidden.reshape(B * L, d).index_select(0, idx)  # (R, d)
     tgt = targets.reshape(-1).index_select(0, idx)  # (R,)
-    w = row_weight.to(torch.float32)[:, None].expand(B, L).reshape(-1).index_select(0, idx)  # (R,)
+    w = row_weight.to(torch.float32)
+    w = w[:, None].expand(B, L) if w.dim() == 1 else w  # (B, L)
+    w = w.reshape(-1).index_select(0, idx)  # (R,)
     return rows, tgt, w
 
 

@@ -52,6 +52,7 @@ def maybe_cut_length(
 # ---- counter-based draws: a pure function of (seed, step, global sample index) ----------
 # Tags keep the streams of one sample apart (t, the per-token draws, the CFG prompt drop).
 _T, _TOKENS, _DROP, _CUT = 0x54, 0x4D, 0x44, 0x43
+_STRATA, _EMBED = 0x53, 0x45  # block diffusion: the order of a row's t strata; embedding noise
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class NoiseKey:
 
     seed: int
     step: int
+    # the step's block size from the schedule's block-size curriculum (0 = the whole
+    # sequence); None without a curriculum. Only block diffusion reads it.
+    block_size: int | None = None
 
     def row_uniforms(self, index: torch.Tensor, tag: int, width: int) -> torch.Tensor:
         """(B, width) float32 uniforms in [0, 1) for the samples ``index`` (B,)."""
@@ -78,6 +82,23 @@ class NoiseKey:
     def mask_prob(self, index: torch.Tensor, eps: float) -> torch.Tensor:
         """p = (1 - eps) t + eps per sample, (B,)."""
         return (1 - eps) * self.row_uniforms(index, _T, 1)[:, 0] + eps
+
+    def t_uniforms(self, index: torch.Tensor, width: int) -> torch.Tensor:
+        """(B, width) draws of t (one per block); column 0 is ``mask_prob``'s t, so one block
+        draws what the full-sequence objectives draw."""
+        return self.row_uniforms(index, _T, width)
+
+    def strata_uniforms(self, index: torch.Tensor, width: int) -> torch.Tensor:
+        """(B, width) draws whose ranks order a row's t strata (antithetic per-block t)."""
+        return self.row_uniforms(index, _STRATA, width)
+
+    def embed_noise(self, index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """(B, *shape) standard normal draws per sample (mask-embedding noise), float32."""
+        rows = []
+        for i in index.detach().cpu().tolist():
+            g = torch.Generator().manual_seed(derive_key(self.seed, self.step, i, _EMBED) >> 1)
+            rows.append(torch.randn(shape, generator=g))
+        return torch.stack(rows)
 
     def token_uniforms(self, index: torch.Tensor, length: int) -> torch.Tensor:
         """(B, length) per-token draws; a shorter length takes a prefix of the same draws."""

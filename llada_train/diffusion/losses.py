@@ -8,8 +8,6 @@ pre-training ``1 / (p * B * L)``, SFT ``1 / (p * ans_len * B)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -21,33 +19,9 @@ from llada_train.diffusion.forward import (
     maybe_cut_length,
     sample_mask_prob,
 )
-from llada_train.errors import LladaError
+from llada_train.diffusion.objective_base import LossOutput, ObjectiveConfig
 
-
-@dataclass
-class ObjectiveConfig:
-    """Which objective and its constants (paper values by default)."""
-
-    name: str = "pretrain"  # "pretrain" or "sft"
-    eps: float = 1e-3  # p = (1 - eps) t + eps
-    var_len_prob: float = 0.01  # pretrain: chance the whole batch is cut to U{1..L}
-    p_uncond: float = 0.0  # sft: chance a row's prompt is replaced by MASK (CFG training)
-    # masked rows per cross-entropy chunk; each chunk's (rows, vocab) logits are recomputed
-    # in backward instead of kept. 0 = one chunk, no recompute (fastest, most memory).
-    loss_chunk_rows: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.loss_chunk_rows < 0:
-            raise LladaError(f"objective.loss_chunk_rows={self.loss_chunk_rows}; use >= 0 (0 = no chunking)")
-
-
-@dataclass
-class LossOutput:
-    """The scalar to backpropagate plus counts for logging."""
-
-    loss: torch.Tensor
-    num_tokens: int  # tokens the model saw (B * L after any cut), known on the host
-    num_masked: torch.Tensor  # 0-dim int64 on the batch's device: read it only when logging
+__all__ = ["LossOutput", "ObjectiveConfig", "PretrainObjective", "SFTObjective", "masked_head_loss"]
 
 
 def masked_head_loss(
@@ -55,19 +29,27 @@ def masked_head_loss(
     noisy: torch.Tensor,  # (B, L) model input
     x0: torch.Tensor,  # (B, L) targets
     masked: torch.Tensor,  # (B, L) bool: positions that carry loss
-    row_weight: torch.Tensor,  # (B,) weight of each masked position of the row
+    row_weight: torch.Tensor,  # (B,) weight of each masked position of the row, or (B, L)
     chunk_rows: int,
     max_rows: int | None = None,
     document_ids: torch.Tensor | None = None,  # (B, L) int64: attention within documents
+    block_size: int | None = None,  # passed to the model when given (0 = no blocks)
+    paired: bool = False,  # ``noisy`` is cat(x_t, x_0) (B, 2L): a block-diffusion pass
 ) -> torch.Tensor:
     """sum over masked positions of ``row_weight * CE``, with the head on masked rows only.
 
     ``model`` may be a DeepSpeed engine: it forwards the call to its module, while the head
     modules live on ``engine.module``. They are called as modules so ZeRO-3 can gather them;
     ``max_rows`` (>= the masked count) then fixes the number of head calls per step.
+    ``row_weight`` may also be (B, L): one weight per position. With ``paired`` the model
+    returns the x_t half's rows only, so ``x0`` and ``masked`` are (B, L) as usual.
     """
     t = getattr(model, "module", model).transformer
-    kwargs = {} if document_ids is None else {"document_ids": document_ids}
+    kwargs: dict = {} if document_ids is None else {"document_ids": document_ids}
+    if block_size is not None:
+        kwargs["block_size"] = block_size
+    if paired:
+        kwargs["paired"] = True
     hidden = model(noisy, return_hidden=True, **kwargs)  # (B, L, d), before ln_f
     rows, tgt, w = masked_rows(hidden, x0, masked, row_weight)  # (R, d), (R,), (R,)
 
@@ -80,9 +62,9 @@ def masked_head_loss(
 class PretrainObjective:
     """Sum over masked positions of CE / p, divided by B * L (SPEC §2)."""
 
-    def __init__(self, cfg: ObjectiveConfig, mask_token_id: int) -> None:
+    def __init__(self, cfg: ObjectiveConfig, mask_token_id: int, eos_token_id: int | None = None) -> None:
         self.cfg = cfg
-        self.mask_token_id = mask_token_id
+        self.mask_token_id = mask_token_id  # eos_token_id: unused (the registry's signature)
 
     def draw(
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | NoiseKey
@@ -127,9 +109,9 @@ class SFTObjective:
     counts in ``ans_len``, which is how the model learns to stop.
     """
 
-    def __init__(self, cfg: ObjectiveConfig, mask_token_id: int) -> None:
+    def __init__(self, cfg: ObjectiveConfig, mask_token_id: int, eos_token_id: int | None = None) -> None:
         self.cfg = cfg
-        self.mask_token_id = mask_token_id
+        self.mask_token_id = mask_token_id  # eos_token_id: unused (the registry's signature)
 
     def draw(
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | NoiseKey
@@ -168,13 +150,3 @@ class SFTObjective:
         x0, noisy, masked, w = self.draw(batch, generator)
         loss = masked_head_loss(model, noisy, x0, masked, w, self.cfg.loss_chunk_rows, x0.numel())
         return LossOutput(loss, x0.numel(), masked.sum())
-
-
-def build_objective(cfg: ObjectiveConfig, mask_token_id: int) -> PretrainObjective | SFTObjective:
-    """The objective named by ``cfg.name``."""
-    from llada_train.diffusion.ar import ARObjective  # ar.py imports this module
-
-    objectives = {"pretrain": PretrainObjective, "sft": SFTObjective, "ar": ARObjective}
-    if cfg.name not in objectives:
-        raise LladaError(f"objective.name={cfg.name!r} is unknown; use one of {sorted(objectives)}")
-    return objectives[cfg.name](cfg, mask_token_id)

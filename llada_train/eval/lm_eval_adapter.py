@@ -1,6 +1,7 @@
 """lm-evaluation-harness adapter (optional extra ``eval``): the model ``llada``.
 
-``loglikelihood`` is the Monte Carlo bound of SPEC §6 (``conditional_log_likelihood``);
+``loglikelihood`` is the Monte Carlo bound of SPEC §6 (``conditional_log_likelihood``), or
+the block NELBO for a block model (``config.block_size`` > 0, ``log_likelihood_bound``);
 ``loglikelihood_rolling`` (perplexity tasks such as wikitext) sums that bound over sliding
 windows that score every token once (``eval/perplexity.py``);
 ``generate_until`` decodes with any configured sampler (``decode_batch``). lm_eval is
@@ -20,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llada_train.diffusion.likelihood import conditional_log_likelihood
+from llada_train.diffusion.likelihood_block import log_likelihood_bound, model_block_size
 from llada_train.errors import LladaError
 from llada_train.eval.answers import get_extractor
 from llada_train.eval.config import ModelSourceConfig
@@ -28,6 +29,7 @@ from llada_train.eval.decode import DECODERS, decode_batch, decode_config
 from llada_train.eval.loading import load_for_inference
 from llada_train.eval.perplexity import PerplexityConfig, corpus_elbo
 from llada_train.sample import generate, left_pad
+from llada_train.sample.block import block_generate
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'llada-train[eval]' (or pip install lm-eval)"
 
@@ -105,18 +107,27 @@ class LLaDAHarness:
         b = self.bundle
         for context, continuation in tqdm(pairs, desc="loglikelihood", disable=not progress):
             ctx, cont = self._split(context, continuation)
-            ll = conditional_log_likelihood(
+            ll = log_likelihood_bound(
                 b.model, ctx, cont, mask_token_id=b.mask_token_id, generator=self.generator,
                 n_samples=self.mc_num, batch_size=self.mc_batch_size, cfg_scale=self.ll_cfg_scale,
             )
             greedy = False
             if self.greedy_check:
-                # greedy = one-token-per-step low-confidence decoding reproduces the continuation
-                res = generate(b.model, torch.tensor([ctx], device=self.device), len(cont), len(cont),
-                               mask_token_id=b.mask_token_id)
-                greedy = res.generated[0].tolist() == cont
+                greedy = self._greedy(ctx, cont)
             out.append((ll, greedy))
         return out
+
+    def _greedy(self, ctx: list[int], cont: list[int]) -> bool:
+        """Whether one-token-per-step low-confidence decoding reproduces the continuation:
+        over exactly its length, or block by block for a block model (which decodes whole
+        blocks, so only the continuation's first tokens are compared)."""
+        b = self.bundle
+        prompt = torch.tensor([ctx], device=self.device)
+        if model_block_size(b.model):
+            res = block_generate(b.model, prompt, len(cont), mask_token_id=b.mask_token_id, stop_at_eos=False)
+        else:
+            res = generate(b.model, prompt, len(cont), len(cont), mask_token_id=b.mask_token_id)
+        return res.generated[0, : len(cont)].tolist() == cont
 
     @torch.no_grad()
     def loglikelihood_rolling_texts(self, texts: list[str], progress: bool = True) -> list[float]:

@@ -7,7 +7,9 @@ the tokens after the previous window's end, conditioned on the window's earlier 
 
     log p(corpus) ~ sum_windows log p(scored | context) >= sum_windows ELBO(scored | context)
 
-with each ELBO the SPEC §6 bound (``conditional_log_likelihood``). The reported perplexity
+with each ELBO the SPEC §6 bound (``conditional_log_likelihood``), or for a block model
+(``config.block_size`` > 0) the block NELBO with blocks from each window's first token
+(``block_conditional_log_likelihood``, as training windows are cut). The reported perplexity
 ``exp(-ELBO / N)`` is therefore an upper bound on the model's perplexity (up to Monte Carlo
 noise and the truncated context, as with any sliding-window perplexity).
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llada_train.diffusion.likelihood import conditional_log_likelihood
+from llada_train.diffusion.likelihood_block import log_likelihood_bound
 from llada_train.errors import LladaError
 
 
@@ -110,7 +112,7 @@ def corpus_elbo(
     spans = rolling_windows(len(ids), cfg.window, cfg.stride)
     nll = 0.0
     for ctx, start, end in tqdm(spans, desc="ppl", disable=not progress):
-        nll -= conditional_log_likelihood(
+        nll -= log_likelihood_bound(
             model, seq[ctx:start], seq[start:end], mask_token_id=mask_token_id,
             generator=gen, n_samples=cfg.samples, batch_size=cfg.batch_size,
         )

@@ -51,6 +51,7 @@ class LLaDAConfig(PretrainedConfig):
         include_qkv_bias: bool = False,  # Qwen2-family conversions (llada-convert)
         causal: bool = False,  # llada-train's autoregressive twin
         shift_logits: bool = False,  # row i holds the prediction made at i-1 (AR adaptation)
+        block_size: int = 0,  # > 0: a block-diffusion model; attention is block-causal
         weight_tying: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -76,6 +77,7 @@ class LLaDAConfig(PretrainedConfig):
         self.include_qkv_bias = include_qkv_bias
         self.causal = causal
         self.shift_logits = shift_logits
+        self.block_size = int(block_size or 0)
         self.weight_tying = weight_tying
         # transformers 4.x's base pops the token ids it knows; 5.x's keeps unknown kwargs as-is
         kwargs.setdefault("tie_word_embeddings", False)

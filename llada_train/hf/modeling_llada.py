@@ -128,11 +128,20 @@ class LLaDATransformer(nn.Module):
             # (unused) outputs stay finite as long as a row has one real token
             key_mask = attention_mask.bool().view(B, 1, 1, L)
         is_causal = bool(getattr(cfg, "causal", False))
-        if is_causal and key_mask is not None:
+        block = int(getattr(cfg, "block_size", 0) or 0)
+        if block or (is_causal and key_mask is not None):
             pos = torch.arange(L, device=input_ids.device)
-            causal = pos[None, :] <= pos[:, None]  # (L, L): key <= query
+            allowed = torch.ones(L, L, dtype=torch.bool, device=pos.device)
+            if is_causal:
+                allowed = pos[None, :] <= pos[:, None]  # (L, L): key <= query
+            if block:
+                # a block-diffusion model: block-causal, blocks of ``block_size`` from position
+                # 0, each seeing itself and the earlier blocks (its inference mask)
+                allowed = allowed & (pos[None, :] // block <= pos[:, None] // block)
+            if key_mask is not None:
+                allowed = allowed & key_mask
             # every position keeps itself, so a padded query never has an empty row (NaN)
-            key_mask = (causal & key_mask) | torch.eye(L, dtype=torch.bool, device=pos.device)
+            key_mask = allowed | torch.eye(L, dtype=torch.bool, device=pos.device)
             is_causal = False
         hidden: list[torch.Tensor] = []
         for block in t.blocks:
@@ -169,7 +178,8 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
     """The mask predictor: ``model(input_ids, attention_mask).logits`` of shape (B, L, V).
 
     Bidirectional: every position sees every (non-padding) position. A padding
-    ``attention_mask`` (1 = real token) masks keys only.
+    ``attention_mask`` (1 = real token) masks keys only. A block-diffusion model
+    (``config.block_size`` > 0) is block-causal: position i sees the blocks up to its own.
     """
 
     def __init__(self, config: LLaDAConfig) -> None:

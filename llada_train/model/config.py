@@ -30,7 +30,9 @@ class ModelConfig:
     bos_token_id: int = 0
     init_std: float = 0.02
     # "sdpa" (default, any device) or "flash" (flash-attn on CUDA; falls back to SDPA elsewhere);
-    # read when the model is built
+    # "flex": block-diffusion passes (objective=block) use torch's compiled flex_attention with
+    # the block rule as a BlockMask (skips masked tiles; GPU), other passes SDPA. Read when built
+    # (flash) or per pass (flex)
     attention_backend: str = "sdpa"
     # recompute blocks in backward: trades up to ~30% compute for activation memory
     activation_checkpointing: bool = False
@@ -51,6 +53,10 @@ class ModelConfig:
     # reused for diffusion, as Dream-7B does); every loss and sampler then reads logits[i]
     # as the prediction of token i, unchanged
     shift_logits: bool = False
+    # block diffusion (BD3-LM / LLaDA 2.0): > 0 makes plain forward passes block-causal with
+    # blocks of this size (the inference mask of a block model); 0 = full bidirectional.
+    # Training passes their own (curriculum) block size; config.json records it as an extra
+    block_size: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -63,10 +69,13 @@ class ModelConfig:
             )
         if (self.d_model // self.n_heads) % 2:
             raise LladaError("model config: head dim d_model/n_heads must be even for rotary embeddings")
-        if self.attention_backend not in ("sdpa", "flash"):
+        if self.attention_backend not in ("sdpa", "flash", "flex"):
             raise LladaError(
-                f"model config: attention_backend={self.attention_backend!r}; use 'sdpa' or 'flash'"
+                f"model config: attention_backend={self.attention_backend!r}; use 'sdpa', 'flash' "
+                "or 'flex'"
             )
+        if self.block_size < 0:
+            raise LladaError(f"model config: block_size={self.block_size}; use 0 (no blocks) or > 0")
         if self.checkpoint_every < 1:
             raise LladaError(f"model config: checkpoint_every={self.checkpoint_every} must be >= 1")
         if self.checkpoint_policy not in ("full", "save_matmuls"):
@@ -116,6 +125,7 @@ class ModelConfig:
             # extra flags, not in the released file (which therefore loads as false)
             "causal": self.causal,
             "shift_logits": self.shift_logits,
+            "block_size": self.block_size,
         }
 
     @classmethod

@@ -79,6 +79,25 @@ class RopeTable:
 
 FlashFn = Callable[..., torch.Tensor]
 
+# flex_attention is compiled once per process (its eager form materialises the scores and is
+# a reference only). Tests set FLEX_COMPILE = False to check masks without a compile.
+FLEX_COMPILE = True
+_flex_fn: Callable[..., torch.Tensor] | None = None
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
+    """flex_attention of (B, H, Lq, hd) q over (B, H_kv, Lk, hd) k, v under a ``BlockMask``;
+    returns (B, Lq, H * hd). Grouped-query attention without repeating k, v."""
+    global _flex_fn
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if FLEX_COMPILE and _flex_fn is None:
+        _flex_fn = torch.compile(flex_attention)  # automatic dynamic shapes after a recompile
+    fn = _flex_fn if FLEX_COMPILE else flex_attention
+    B, H, Lq, _ = q.shape
+    out = fn(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != H)
+    return out.transpose(1, 2).reshape(B, Lq, -1)
+
 
 def resolve_flash_attn(attention_backend: str) -> FlashFn | None:
     """flash-attn's kernel when asked for and installed (an optional GPU extra), else None."""
@@ -95,11 +114,15 @@ def attend(
     q: torch.Tensor,  # (B, H, Lq, hd)
     k: torch.Tensor,  # (B, H_kv, Lk, hd)
     v: torch.Tensor,  # (B, H_kv, Lk, hd)
-    key_mask: torch.Tensor | None,  # (B, 1, 1 or Lq, Lk) bool, True = attend
+    key_mask: torch.Tensor | None,  # (B, 1, 1 or Lq, Lk) bool, True = attend; or a BlockMask
     flash: FlashFn | None,
     is_causal: bool = False,  # only with key_mask None and Lq == Lk (see model/masks.py)
 ) -> torch.Tensor:
-    """Attention of q over k, v (full, or causal / masked per the layout); (B, Lq, H * hd)."""
+    """Attention of q over k, v (full, or causal / masked per the layout); (B, Lq, H * hd).
+
+    ``key_mask`` may be a flex ``BlockMask`` (``attention_backend=flex``, block diffusion)."""
+    if key_mask is not None and not isinstance(key_mask, torch.Tensor):
+        return flex_attend(q, k, v, key_mask)
     B, H, Lq, _ = q.shape
     half = q.dtype in (torch.float16, torch.bfloat16)
     if flash is not None and key_mask is None and q.is_cuda and half:

@@ -160,6 +160,14 @@ class LLaDAModel(nn.Module):
         for block in self.transformer.blocks:
             block.compile(backend=backend)
 
+    def use_flex(self, device: torch.device) -> bool:
+        """flex_attention for block-diffusion layouts (``attention_backend=flex``): on CUDA,
+        and on CPU without gradients (torch's CPU flex has no backward: training there keeps
+        the dense SDPA mask, the same numbers)."""
+        if self.config.attention_backend != "flex":
+            return False
+        return device.type == "cuda" or not torch.is_grad_enabled()
+
     def recompute_policy(self, layer: int) -> str | None:
         """The activation-checkpointing policy block ``layer`` runs under now, or None."""
         cfg = self.config
@@ -174,6 +182,8 @@ class LLaDAModel(nn.Module):
         return_hidden: bool = False,
         cache: PrefixCache | None = None,
         document_ids: torch.Tensor | None = None,  # (B, L) int64, packed documents
+        block_size: int | None = None,  # None: config.block_size (0 = no blocks)
+        paired: bool = False,  # input_ids is cat(x_t, x_0), (B, 2L): block-diffusion training
     ) -> torch.Tensor:
         """Logits (B, L, V); with ``return_hidden`` the last block's output (B, L, d) before
         ``ln_f``, so a loss can run ``ln_f`` and the head on the rows it needs only.
@@ -182,6 +192,13 @@ class LLaDAModel(nn.Module):
         it block-diagonal (positions attend only to equal ids; combined with the padding and
         causal masks). RoPE is relative, so packed documents need no position reset. With
         ``config.shift_logits`` row i holds the prediction made at position i-1 (row 0 its own).
+
+        With a block size (``config.block_size`` or the argument) attention is block-causal:
+        blocks of that size from absolute position 0, each seeing itself and earlier blocks.
+        With ``paired`` the input is BD3-LM's ``cat(x_t, x_0)`` of length 2L: both halves take
+        positions 0..L-1, attention follows ``masks.block_diffusion_rule``, ``document_ids`` is
+        given for one half (B, L), and only the x_t half's L rows are returned (with
+        ``shift_logits``, a block's first row from the clean copy: see ``shift_paired``).
 
         With an empty ``cache`` the pass is the plain one and records the prefix keys/values;
         with a filled one ``input_ids`` is the suffix after the cached positions and
@@ -204,10 +221,20 @@ class LLaDAModel(nn.Module):
                 f"attention_mask covers {attention_mask.shape[1]} positions; expected {offset + L} "
                 f"({offset} cached + {L} given)"
             )
+        if block_size is None:
+            block_size = self.config.block_size
         x = t.wte(input_ids)  # (B, L, d)
-        cos, sin = self.rope.get(offset, L, input_ids.device)  # (L, hd) fp32
+        if paired:
+            half = L // 2
+            cos, sin = self.rope.get(0, half, input_ids.device)  # (L/2, hd): both halves 0..L/2-1
+            cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])  # (L, hd)
+            if document_ids is not None:
+                document_ids = torch.cat([document_ids, document_ids], dim=1)  # (B, L)
+        else:
+            cos, sin = self.rope.get(offset, L, input_ids.device)  # (L, hd) fp32
         layout = attention_layout(
-            B, L, offset, attention_mask, document_ids, self.config.causal, input_ids.device
+            B, L, offset, attention_mask, document_ids, self.config.causal, input_ids.device,
+            block_size=block_size, paired=paired, flex=self.use_flex(input_ids.device),
         )
         mask, causal = layout.mask, layout.is_causal
         for i, block in enumerate(t.blocks):
@@ -215,7 +242,11 @@ class LLaDAModel(nn.Module):
                 x = block(x, cos, sin, mask, None, self.recompute_policy(i), causal)
             else:  # inference with a prefix cache: never checkpointed
                 x = block(x, cos, sin, mask, cache.layer(i), None, causal)
-        if self.config.shift_logits:
+        if paired and self.config.shift_logits:
+            x = shift_paired(x, block_size)  # (B, L/2, d)
+        elif paired:
+            x = x[:, : L // 2]  # (B, L/2, d): only the noisy half is predicted
+        elif self.config.shift_logits:
             x = shift_hidden(x, cache)
         elif cache is not None:
             cache.filled = True
@@ -241,6 +272,24 @@ def shift_hidden(x: torch.Tensor, cache: PrefixCache | None) -> torch.Tensor:
             cache.last_hidden = x[:, -1:]
         cache.filled = True
     return torch.cat([before, x[:, :-1]], dim=1)  # (B, L, d)
+
+
+def shift_paired(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``shift_hidden`` for a paired pass ``cat(x_t, x_0)`` (B, 2L, d) -> the x_t rows (B, L, d).
+
+    Token i is predicted from position i-1 (Fast-dLLM v2's token shift). Inside a block that
+    is the noisy row i-1; for the first token of block b > 0 it is the clean row i-1 (the
+    last token of clean block b-1, which sees clean blocks <= b-1): exactly what the
+    block-causal inference pass gives it (its row i-1 is the finished block's last token),
+    and never a noisy block the token's own block cannot see. Row 0 keeps its own.
+    """
+    half = x.shape[1] // 2
+    xt, x0 = x[:, :half], x[:, half:]
+    prev_t = torch.cat([xt[:, :1], xt[:, :-1]], dim=1)  # (B, L, d) row i <- noisy row i-1
+    prev_0 = torch.cat([x0[:, :1], x0[:, :-1]], dim=1)  # row i <- clean row i-1
+    pos = torch.arange(half, device=x.device)
+    first = ((pos % block_size == 0) & (pos > 0))[None, :, None]  # (1, L, 1) block starts
+    return torch.where(first, prev_0, prev_t)
 
 
 def count_parameters(cfg: ModelConfig) -> int:

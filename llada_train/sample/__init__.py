@@ -4,6 +4,7 @@ Every sampler takes token ids as parameters and returns the forward passes it sp
 """
 
 from llada_train.sample.ar import ar_generate, ar_log_likelihood
+from llada_train.sample.block import block_generate
 from llada_train.sample.common import SampleOutput, left_pad, num_transfer_schedule
 from llada_train.sample.fast import fast_generate
 from llada_train.sample.generate import generate
@@ -17,6 +18,7 @@ __all__ = [
     "SampleOutput",
     "ar_generate",
     "ar_log_likelihood",
+    "block_generate",
     "fast_generate",
     "generate",
     "hex_generate",

@@ -103,7 +103,9 @@ def model_logits(
 ) -> tuple[torch.Tensor, int]:
     """Logits in fp32, (B, L, V), with optional classifier-free guidance; also the passes spent.
 
-    The MASK logit is set to -inf (see ``forbid_mask``).
+    The MASK logit is left as the model gave it: the released sampler's confidence is the
+    full softmax, MASK in the denominator. Only the choice of token excludes MASK
+    (``sample_tokens(..., mask_token_id=...)``).
 
     The unconditional pass replaces the prompt by MASK; guided logits are
     ``un + (w + 1) * (cond - un)``. Both passes run as one doubled batch.
@@ -118,13 +120,7 @@ def model_logits(
         logits, calls = un + (cfg_scale + 1.0) * (cond - un), 2
     else:
         logits = _call(model, x, attention_mask)
-    return forbid_mask(logits, mask_token_id), calls
-
-
-def forbid_mask(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
-    """MASK is never an answer: an (untrained) model predicting it would stall the sampler."""
-    logits[..., mask_token_id] = NEG_INF
-    return logits
+    return logits, calls
 
 
 def _call(model: torch.nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -137,18 +133,31 @@ def sample_tokens(
     logits: torch.Tensor,  # (B, L, V)
     temperature: float,
     generator: torch.Generator | None = None,
+    *,
+    mask_token_id: int | None = None,
 ) -> torch.Tensor:
     """Argmax at temperature 0; otherwise Gumbel-max on ``logits / T`` in float64, (B, L).
+
+    ``mask_token_id`` is never chosen: an (untrained) model predicting MASK would stall the
+    sampler. Only the choice excludes it; ``logits`` is not modified, so the confidence
+    (``chosen_probability``) and ``entropy`` still see MASK's mass, as the released sampler's
+    softmax does. Where MASK is not the argmax the choice is the released one.
 
     float64 matters: with low-precision Gumbel noise, low-probability tokens are sampled
     too often, which hurts masked-diffusion generation quality.
     """
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        if mask_token_id is None:
+            return logits.argmax(dim=-1)
+        # a transient copy, freed before any softmax: peak memory is unchanged
+        return logits.index_fill(-1, _ids([mask_token_id], logits), NEG_INF).argmax(dim=-1)
     u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=_gen_device(generator, logits))
     u = u.to(logits.device).clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 1e-16)
     gumbel = -torch.log(-torch.log(u))
-    return (logits.double() / temperature + gumbel).argmax(dim=-1)
+    scores = logits.double() / temperature + gumbel  # (B, L, V), a new tensor
+    if mask_token_id is not None:
+        scores[..., mask_token_id] = NEG_INF
+    return scores.argmax(dim=-1)
 
 
 def random_uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -158,6 +167,11 @@ def random_uniform(shape: tuple[int, ...], like: torch.Tensor, generator: torch.
 
 def _gen_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
     return generator.device if generator is not None else like.device
+
+
+def _ids(token_ids: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Token ids as a long tensor on ``like``'s device (for ``index_fill``)."""
+    return torch.as_tensor(list(token_ids), dtype=torch.long, device=like.device)
 
 
 def apply_eos_rules(
@@ -178,20 +192,27 @@ def chosen_probability(
 ) -> torch.Tensor:
     """softmax(logits) at the chosen token, (B, L): the low-confidence score.
 
+    The softmax runs over the whole vocabulary, MASK included (as the released sampler's
+    ``F.softmax(logits)``): a position where the model still puts mass on MASK scores lower,
+    which decides its rank among the positions.
+
     ``exclude`` (EOS/EoT under ``eos_zero_confidence``) follows the released sampler's
     ``confidence_eos_eot_inf``: their logits become -inf *before* the softmax, so a position
     that chose one scores exactly 0 and every other position's probability is renormalised
     over the remaining tokens (which raises it). ``logits`` is not modified.
     """
     if exclude:
-        idx = torch.as_tensor(list(exclude), dtype=torch.long, device=logits.device)
-        logits = logits.index_fill(-1, idx, NEG_INF)
+        logits = logits.index_fill(-1, _ids(exclude, logits), NEG_INF)
     p = torch.softmax(logits, dim=-1)  # (B, L, V)
     return p.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each position's predicted distribution, (B, L)."""
+    """Entropy (nats) of each position's predicted distribution, (B, L).
+
+    Over the full softmax, MASK included, like the probability confidence and the reference
+    entropy samplers (Dream/Fast-dLLM ``neg_entropy``: ``softmax(logits)`` of the whole head).
+    """
     # entr(p) = -p log p with entr(0) = 0, so -inf logits (forbidden tokens) add nothing
     return torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
 

@@ -28,7 +28,6 @@ from llada_train.sample.common import (
     apply_eos_rules,
     block_bounds,
     chosen_probability,
-    forbid_mask,
     init_canvas,
     model_logits,
     num_transfer_schedule,
@@ -54,7 +53,8 @@ def threshold_commit(
     confident one so each step makes progress. Without: the ``count`` most confident.
     """
     masked = xb == mask_token_id  # (B, Lb)
-    x0 = sample_tokens(logits, temperature, generator)
+    x0 = sample_tokens(logits, temperature, generator, mask_token_id=mask_token_id)  # (B, Lb)
+    # Fast-dLLM's confidence is the full softmax's probability, MASK in the denominator
     conf = torch.where(masked, chosen_probability(logits, x0), torch.full_like(logits[..., 0], NEG_INF))
     if threshold is None:
         commit = top_k_mask(conf, count)
@@ -126,7 +126,7 @@ def fast_generate(
                 logits = logits[:, start:]
             nfe += calls
             row_nfe += calls * active
-            logits = forbid_mask(logits[:, : end - start], mask_token_id)  # (B, Lb, V)
+            logits = logits[:, : end - start]  # (B, Lb, V); MASK is excluded by threshold_commit
             logits = apply_eos_rules(logits, forbid_eos, eos_token_id)
             if per_block is not None:
                 count = schedule[:, step]

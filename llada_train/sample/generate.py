@@ -93,6 +93,7 @@ def generate(
             x, _ = commit_step(
                 x, logits, masked, schedule[:, s], temperature, remasking, generator,
                 forbid_eos, eos_token_id, stop_ids(eos_token_id, eot_token_id) if eos_zero_confidence else [],
+                mask_token_id=mask_token_id,
             )
             bar.update()
     bar.close()
@@ -110,15 +111,18 @@ def commit_step(
     forbid_eos: bool = False,
     eos_token_id: int | None = None,
     zero_conf_ids: Sequence[int] = (),
+    mask_token_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step: predict, score, commit ``count`` candidates per row.
 
-    Returns the new canvas and the (B, L) bool mask of committed positions.
+    ``mask_token_id`` is never chosen, yet stays in the confidence softmax (the released
+    sampler's ``x0_p``). Returns the new canvas and the (B, L) bool mask of committed positions.
     """
     logits = apply_eos_rules(logits, forbid_eos, eos_token_id)
-    x0 = sample_tokens(logits, temperature, generator)  # (B, L)
+    x0 = sample_tokens(logits, temperature, generator, mask_token_id=mask_token_id)  # (B, L)
     if remasking == "low_confidence":
-        # the released confidence_eos_eot_inf: stops get logit -inf before the softmax
+        # full softmax (MASK in the denominator); the released confidence_eos_eot_inf: stops
+        # get logit -inf before the softmax
         conf = chosen_probability(logits, x0, exclude=zero_conf_ids)  # (B, L)
     else:
         conf = random_uniform(tuple(x0.shape), x0, generator)

@@ -40,18 +40,20 @@ def entropy_commit(
     entropy_threshold: float,
     temperature: float,
     generator: torch.Generator | None,
+    mask_token_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Commit the lowest-entropy candidate plus every candidate with entropy < lambda.
 
-    Returns the new canvas and the (B, L) bool mask of committed positions. Rows without
-    candidates are unchanged.
+    The entropy is the full softmax's, MASK included (the reference ``neg_entropy`` scores);
+    ``mask_token_id`` is only excluded from the committed token. Returns the new canvas and
+    the (B, L) bool mask of committed positions. Rows without candidates are unchanged.
     """
     h = entropy(logits)  # (B, L)
     h = torch.where(candidates, h, torch.full_like(h, float("inf")))
     lowest = torch.zeros_like(candidates)
     lowest.scatter_(1, h.argmin(dim=1, keepdim=True), True)
     commit = ((h < entropy_threshold) | lowest) & candidates
-    x0 = sample_tokens(logits, temperature, generator)  # (B, L)
+    x0 = sample_tokens(logits, temperature, generator, mask_token_id=mask_token_id)  # (B, L)
     return torch.where(commit, x0, x), commit
 
 
@@ -95,7 +97,9 @@ def med_generate(
             nfe += calls
             row_nfe += calls * candidates.any(1)
             logits = apply_eos_rules(logits, forbid_eos, eos_token_id)
-            x, commit = entropy_commit(x, logits, candidates, entropy_threshold, temperature, generator)
+            x, commit = entropy_commit(
+                x, logits, candidates, entropy_threshold, temperature, generator, mask_token_id=mask_token_id
+            )
             bar.update(int(commit.sum()))
     bar.close()
     return SampleOutput(tokens=x, nfe=nfe, prompt_length=P, row_nfe=row_nfe)
@@ -193,11 +197,14 @@ def infill_generate(
             uncertainty = torch.where(open_answer, h, torch.zeros_like(h)).sum(1)  # (B,)
             # the answer is settled: fill every open answer position by argmax and stop the row
             settle = open_answer.any(1) & (uncertainty < answer_entropy_threshold)
-            x = torch.where(open_answer & settle[:, None], logits.argmax(-1), x)
+            filled = sample_tokens(logits, 0.0, mask_token_id=mask_token_id)  # (B, L) argmax, never MASK
+            x = torch.where(open_answer & settle[:, None], filled, x)
             exited |= settle & (candidates & ~in_answer).any(1)
             done |= settle
             candidates &= ~done[:, None]
-        x, _ = entropy_commit(x, logits, candidates, entropy_threshold, temperature, generator)
+        x, _ = entropy_commit(
+            x, logits, candidates, entropy_threshold, temperature, generator, mask_token_id=mask_token_id
+        )
         bar.update(before - int((x == mask_token_id).sum()))
     bar.close()
     return InfillOutput(

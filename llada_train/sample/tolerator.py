@@ -131,7 +131,7 @@ def tolerator_generate(
         chosen = top_k_mask(keys, torch.full((B,), n, dtype=torch.long, device=x.device))
         noisy = torch.where(chosen, torch.full_like(x, mask_token_id), x)
         logits, _ = model_logits(model, noisy, attn, P, mask_token_id)  # (B, L, V)
-        x = torch.where(chosen, sample_tokens(logits, refine_t, generator), x)
+        x = torch.where(chosen, sample_tokens(logits, refine_t, generator, mask_token_id=mask_token_id), x)
         bar.update()
     bar.close()
     nfe = draft.nfe + rounds

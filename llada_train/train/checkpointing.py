@@ -6,7 +6,6 @@ import errno
 import io
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from llada_train.model.checkpoint import save_pretrained
 from llada_train.model.config import ModelConfig
 from llada_train.train.distributed import all_ranks_any
 from llada_train.train.manifest import record_manifest, verify_manifest
+from llada_train.train.safe_load import check_pickles, torch_load, weights_only_loads
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -184,20 +184,22 @@ def _prune(root: Path, keep_last: int) -> None:
 def load_checkpoint(engine: Any, run_dir: str | Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore engine, optimizer and this rank's state from ``tag``.
 
-    Every file is checked against the step's ``manifest.json`` first (collective), since
-    DeepSpeed's loader unpickles; our own rank state loads with ``weights_only=True``.
+    Every file is checked against the step's ``manifest.json`` first (collective) for
+    corruption; every file, DeepSpeed's included, then unpickles weights-only (``safe_load``).
     """
     root = checkpoint_dir(run_dir)
     rank, world = _rank_world()
     trainer_state = check_resume_world_size(run_dir, tag, world)
     saved = int(trainer_state.get("world_size", world))
     verify_manifest(root / tag, rank, world, getattr(engine, "device", None))
+    check_pickles(root / tag, rank, world, getattr(engine, "device", None))  # all ranks refuse together
     is_lora = _check_lora_matches(getattr(engine, "module", None), root / tag)
     # a LoRA checkpoint holds the adapters only: the frozen base came from init_from
-    load_path, _ = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False,
-        load_module_strict=not is_lora,
-    )
+    with weights_only_loads(root / tag):  # DeepSpeed asks for weights_only=False: overridden
+        load_path, _ = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False,
+            load_module_strict=not is_lora,
+        )
     if load_path is None:
         raise LladaError(f"DeepSpeed could not load checkpoint {root / tag}")
     rank_state = load_rank_state(root / tag / f"rank_state_{min(rank, saved - 1):05d}.pt")
@@ -232,14 +234,8 @@ def _check_lora_matches(module: torch.nn.Module | None, step_dir: Path) -> bool:
 
 
 def load_rank_state(path: Path) -> dict[str, Any]:
-    """A rank's reader/RNG state, unpickled with ``weights_only=True`` (tensors and builtins)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise LladaError(
-            f"{path} holds more than tensors and plain Python values: refusing to unpickle it; "
-            "restore the original checkpoint"
-        ) from None
+    """A rank's reader/RNG state, unpickled weights-only (tensors and plain Python values)."""
+    return torch_load(path, map_location="cpu")
 
 
 def parameters_finite(engine: Any, device: torch.device) -> bool:
@@ -320,13 +316,14 @@ def consolidate_checkpoint(run_dir: str | Path, tag: str | None = None) -> dict[
     if not (root / tag / TRAINER_STATE).is_file():
         raise LladaError(f"{root / tag / TRAINER_STATE} not found: pick a complete checkpoint with --tag")
     state = json.loads((root / tag / TRAINER_STATE).read_text())
-    verify_manifest(root / tag)  # zero_to_fp32 unpickles every shard
+    verify_manifest(root / tag)  # corruption; weights-only loading stops forged files
     if state["zero_stage"] == 0:
         # stage 0 writes no ZeRO shards: the module state is complete in the model file
         files = sorted((root / tag).glob("mp_rank_*_model_states.pt"))
-        blob = torch.load(files[0], map_location="cpu", weights_only=True)
+        blob = torch_load(files[0], map_location="cpu")
         return {k: v.float() for k, v in blob["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    with weights_only_loads(root / tag):  # zero_to_fp32 asks for weights_only=False: overridden
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     return {k: v.float() for k, v in sd.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from tqdm import tqdm
 
 from llada_train.diffusion.forward import NoiseKey
 from llada_train.errors import LladaError
+from llada_train.model.config import ModelConfig
 from llada_train.train import checkpointing as ckpt
 from llada_train.train.guard import BadStepCounter, StepSums, StepVerdict
 from llada_train.train.metrics import (
@@ -24,7 +26,7 @@ from llada_train.train.metrics import (
 from llada_train.train.optim import OptimConfig, build_optimizer
 from llada_train.train.parts import RunContext, TrainerParts
 from llada_train.train.preemption import PreemptionFlag
-from llada_train.train.schedule import ScheduleConfig, lr_at
+from llada_train.train.schedule import ScheduleConfig, block_size_at, lr_at
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Trainer:
         self.bad_steps = BadStepCounter(self.cfg.max_bad_steps)
         self._grad_norm: torch.Tensor | None = None  # stage 0 measures it (see _measure_grads)
         self._lr = math.nan
+        self._block: int | None = None  # the block-size curriculum's value this step (None: off)
         self._stop_requested = False
         self.metrics = MetricsLogger(run.run_dir, self.rank0, self.logging, run.config_dict)
 
@@ -186,7 +189,7 @@ class Trainer:
         """One forward/backward; the loss stays on the device."""
         batch = self._next_batch()
         keyed = "sample_index" in batch
-        noise = NoiseKey(self.run.seed, self.step) if keyed else self.generator
+        noise = NoiseKey(self.run.seed, self.step, self._block) if keyed else self.generator
         out = self.objective(self.engine, batch, noise)
         self.engine.backward(out.loss)
         sums.add(out.loss, out.num_tokens)
@@ -230,6 +233,7 @@ class Trainer:
         self._lr = lr_at(self.schedule, self.step, self.tokens, self.cfg.max_steps)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = self._lr
+        self._set_block_size()
         while True:
             verdict, skipped = self._attempt()
             self._stop_requested = verdict.stop_requested
@@ -243,6 +247,24 @@ class Trainer:
         # tokens the model actually saw (SFT batches and 1% cuts are shorter than seq_len)
         self.tokens += verdict.tokens
         return verdict.mean_loss
+
+    def _set_block_size(self) -> None:
+        """The schedule's block size for this step (a function of tokens, so a resume lands in
+        the same phase); it reaches the objective through the step's ``NoiseKey``."""
+        size = block_size_at(self.schedule, self.tokens)
+        if size != self._block and size is not None and self.rank0:
+            before = "" if self._block is None else f"{self._block or 'L'} -> "
+            print(f"block size {before}{size or 'L'} at step {self.step + 1} "
+                  f"({self.tokens:.4g} tokens)", flush=True)
+        self._block = size
+
+    def _export_config(self) -> ModelConfig:
+        """The model config the export records: the curriculum's last block size, if any."""
+        if self._block is None:
+            self._block = block_size_at(self.schedule, self.tokens)
+        if self._block is None:
+            return self.model_cfg
+        return dataclasses.replace(self.model_cfg, block_size=self._block)
 
     def _grad_norm_value(self) -> float:
         norm = self.engine.get_global_grad_norm()
@@ -306,6 +328,7 @@ class Trainer:
                             "mem_gib": memory_gib(self.dist.device),
                             "tokens": self.tokens,
                             "skipped_steps": self.bad_steps.skipped,
+                            **({} if self._block is None else {"block_size": self._block}),
                             **val,
                         },
                         echo=not self.logging.progress_bar or bool(val),
@@ -329,7 +352,7 @@ class Trainer:
         if not preempted and self.cfg.export_at_end:
             out = self.run.run_dir / "export"
             ckpt.export_from_engine(
-                self.engine, self.zero_stage, self.model_cfg, out, self.run.tokenizer
+                self.engine, self.zero_stage, self._export_config(), out, self.run.tokenizer
             )
             if self.rank0:
                 print(f"exported model (safetensors + config.json) to {out}", flush=True)

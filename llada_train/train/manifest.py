@@ -1,9 +1,10 @@
-"""sha256 manifests of checkpoint folders: DeepSpeed unpickles its files, so only load ours.
+"""sha256 manifests of checkpoint folders: a damaged, replaced, added or missing file is refused.
 
-DeepSpeed's loaders (``engine.load_checkpoint``, ``zero_to_fp32``) call ``torch.load`` with
-full unpickling, which runs any code a replaced file carries. The writer records the size
-and sha256 of every file of a step folder in ``manifest.json`` before ``latest`` names it;
-the reader refuses any folder that does not match it, before DeepSpeed opens a file.
+The writer records the size and sha256 of every file of a step folder in ``manifest.json``
+before ``latest`` names it; the reader refuses any folder that does not match it, before
+DeepSpeed opens a file. This is the corruption check only: anyone can recompute a manifest,
+so it is no defence against a forged folder. That is ``safe_load``'s job (every file unpickles
+weights-only), which no setting here turns off.
 """
 
 from __future__ import annotations
@@ -97,18 +98,21 @@ def verify_manifest(
 
     Collective when ``world`` > 1: ranks hash disjoint shares and agree on the outcome, so
     no rank goes on to unpickle a file another rank found bad. Returns False when the folder
-    has no manifest and ``LLADA_TRUST_UNVERIFIED_CHECKPOINTS=1`` accepts it unverified.
+    has no manifest and ``LLADA_TRUST_UNVERIFIED_CHECKPOINTS=1`` skips this hash check (the
+    files still unpickle weights-only: the variable never allows code to run).
     """
     path = folder / MANIFEST
     if not path.exists():
         if os.environ.get(TRUST_ENV) == "1":
             if rank == 0:
-                print(f"warning: loading {folder} unverified ({TRUST_ENV}=1)", file=sys.stderr)
+                print(f"warning: loading {folder} unverified ({TRUST_ENV}=1): no hash check; "
+                      "its files still load weights-only", file=sys.stderr)
             return False
         raise LladaError(
             f"{folder} has no {MANIFEST}, so its files cannot be verified before loading "
             f"(written by an older llada-train, or not a complete checkpoint): if you trust "
-            f"every file in it, set {TRUST_ENV}=1 to load it unverified"
+            f"every file in it, set {TRUST_ENV}=1 to skip this hash check (files still load "
+            "weights-only)"
         )
     try:
         files = json.loads(path.read_text())["files"]

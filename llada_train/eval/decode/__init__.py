@@ -19,6 +19,7 @@ from llada_train.eval.decode.base import (
     register_decode_schemas,
 )
 from llada_train.eval.decode.methods import (
+    BlockConfig,
     HexConfig,
     InfillConfig,
     LowConfidenceConfig,
@@ -30,6 +31,7 @@ from llada_train.eval.decode.methods import (
 
 __all__ = [
     "DECODERS",
+    "BlockConfig",
     "DecodeConfig",
     "DecodeMethod",
     "DecodeRequest",

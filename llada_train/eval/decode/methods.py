@@ -27,6 +27,7 @@ from llada_train.sample import (
     med_generate,
     tolerator_generate,
 )
+from llada_train.sample.block import block_generate
 
 
 @dataclass
@@ -99,6 +100,33 @@ def run_threshold(model: torch.nn.Module, cfg: ThresholdConfig, req: DecodeReque
         model, req.prompt_ids, cfg.gen_length, cfg.block_length, threshold=cfg.threshold,
         use_cache=cfg.use_cache, temperature=cfg.temperature, cfg_scale=cfg.cfg_scale,
         eos_token_id=req.eos_token_id, forbid_eos=cfg.forbid_eos, **req.common(),
+    )
+    return req.result(out)
+
+
+@dataclass
+class BlockConfig(DecodeConfig):
+    """Block diffusion (BD3-LM, LLaDA 2.0): block by block with an exact KV cache, to EOS."""
+
+    method: str = "block"
+    block_size: int | None = None  # null = the model's config.block_size (0 there: one block)
+    steps: int | None = None  # per block; null = block size (one token per step)
+    threshold: float | None = None  # LLaDA 2.0 tau; null = the fixed low-confidence schedule
+    minimal_topk: int = 1  # with threshold: commit at least this many per step
+    sub_block_size: int | None = None  # Fast-dLLM v2 sub-blocks, filled in order; null = none
+    use_cache: bool = True  # exact KV cache of finished blocks
+    stop_at_eos: bool = True  # a row ends with the block holding its EOS/EoT
+
+
+@register("block", BlockConfig)
+def run_block(model: torch.nn.Module, cfg: BlockConfig, req: DecodeRequest) -> DecodeResult:
+    """``block_generate`` with ``gen_length`` as the (block-rounded) maximum new tokens."""
+    out = block_generate(
+        model, req.prompt_ids, cfg.gen_length, cfg.block_size, cfg.steps,
+        threshold=cfg.threshold, minimal_topk=cfg.minimal_topk,
+        sub_block_size=cfg.sub_block_size, temperature=cfg.temperature,
+        eos_token_id=req.eos_token_id, eot_token_id=req.eot_token_id,
+        stop_at_eos=cfg.stop_at_eos, use_cache=cfg.use_cache, **req.common(),
     )
     return req.result(out)
 
