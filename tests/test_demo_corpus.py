@@ -84,3 +84,23 @@ def test_demo_folder_shards_decode_to_the_corpus(demo_data):
     assert sft["num_records"] == sum(
         len(c["messages"]) // 2 for c in chat
     )  # one record per assistant turn
+
+
+def test_demo_report_buckets_fresh_dialogues_by_kind_and_avoids_the_sft_set():
+    import json
+
+    from llada_train.cli.demo_report import KINDS, dialogue_kind, held_out_dialogues
+
+    assert dialogue_kind([{"content": "what is 3 plus 4 ?"}, {}]) == "arithmetic"
+    assert dialogue_kind([{"content": "what does a duck say ?"}, {}]) == "animal sounds"
+    assert dialogue_kind([{"content": "how many legs does a hen have ?"}, {}]) == "animal legs"
+    assert dialogue_kind([{"content": "what colour is milk ?"}, {}]) == "colours"
+    assert dialogue_kind([{"content": "tom has 1 balls and mia gives him 2 more . how many balls does tom have ?"}, {}]) == "stories"
+    assert dialogue_kind([{}, {}, {"content": "and milk ?"}, {}]) == "multi-turn"
+    seen = {json.dumps(d) for d in generate_dialogues(3000, seed=0)}
+    buckets, trained = held_out_dialogues(5, seen)
+    assert set(buckets) == set(KINDS) and all(len(b) == 5 for b in buckets.values())
+    assert all(dialogue_kind(d) == k for k, b in buckets.items() for d in b)
+    # the few animal and colour questions all occur in the SFT set; the rest are held out
+    assert trained == {"animal sounds", "animal legs", "colours"}
+    assert not any(json.dumps(d) in seen for k in KINDS if k not in trained for d in buckets[k])

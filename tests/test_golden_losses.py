@@ -13,7 +13,7 @@ amplifies those bits: the SFT run, at its peak rate right after warmup, multipli
 (`make golden-spread` prints the table): largest step difference among default, avx2, avx512
 and MKL-AVX2 runs was 1.3e-7 over all 30 pre-training steps and 2.4e-7 over SFT steps 1-19,
 then 2.8e-6 at step 20 rising to 1.7e-2 at step 26; the mean of SFT steps 16-30 moved by at
-most 2.7e-3. The tight prefix still catches every deliberate numeric change from step 1
+most 1.7e-3. The tight prefix still catches every deliberate numeric change from step 1
 (a changed loss weight, eps or mask key moves step 1 by > 1e-3): the tail check is a sanity
 bound on where the run ends up, not the detector.
 """
