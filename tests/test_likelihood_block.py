@@ -21,7 +21,7 @@ from llada_train.diffusion.likelihood_block import (
 )
 from llada_train.errors import LladaError
 from llada_train.eval.perplexity import PerplexityConfig, corpus_elbo
-from llada_train.model import LLaDAModel, ModelConfig, save_pretrained
+from llada_train.model import LLaDAModel, ModelConfig
 
 MASK = 7
 
@@ -163,15 +163,9 @@ def test_perplexity_of_a_block_model_is_the_block_bound_per_window():
 def test_lm_eval_core_scores_and_checks_greedy_with_blocks(tmp_path):
     from llada_train.eval.lm_eval_adapter import LLaDAHarness
     from llada_train.sample.block import block_generate
-    from tests.test_eval_cli import WORDS, make_tokenizer
+    from tests.test_sample_block import block_model_export
 
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=64,
-                      vocab_size=len(WORDS), mask_token_id=2, eos_token_id=1, pad_token_id=1,
-                      bos_token_id=0, init_std=1.0, block_size=4)
-    model = LLaDAModel(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    make_tokenizer(tmp_path / "tokenizer.json")
-    save_pretrained(model.state_dict(), cfg, tmp_path / "export", tokenizer_dir=tmp_path / "tokenizer.json")
+    block_model_export(tmp_path)
     core = LLaDAHarness(str(tmp_path / "export"), mc_num="8", mc_batch_size="4", method="block",
                         gen_length="4", seed="5")
     pairs = [("what is 3 plus", " 4 the answer is 7"), ("what is", " 2")]

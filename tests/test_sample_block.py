@@ -252,7 +252,9 @@ def test_cache_stays_exact_over_many_blocks(n_layers):
     assert outs[True].nfe == 1 + 2 * 8  # 1 mask in the first block, then 8 blocks of 2 steps
 
 
-def test_generate_cli_decodes_a_block_model(tmp_path):
+def block_model_export(tmp_path):
+    """A seeded random block model (blocks of 4) with the eval tests' word tokenizer, saved
+    under ``tmp_path / "export"``."""
     from tests.test_eval_cli import WORDS, make_tokenizer
 
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=64,
@@ -260,9 +262,12 @@ def test_generate_cli_decodes_a_block_model(tmp_path):
                       bos_token_id=0, init_std=1.0, block_size=4)
     model = LLaDAModel(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
-    folder = tmp_path / "export"
     make_tokenizer(tmp_path / "tokenizer.json")
-    save_pretrained(model.state_dict(), cfg, folder, tokenizer_dir=tmp_path / "tokenizer.json")
+    return save_pretrained(model.state_dict(), cfg, tmp_path / "export", tokenizer_dir=tmp_path / "tokenizer.json")
+
+
+def test_generate_cli_decodes_a_block_model(tmp_path):
+    folder = block_model_export(tmp_path)
     res = subprocess.run(
         [sys.executable, "-m", "llada_train.cli.generate", f"model_path={folder}",
          "prompts=[what is 3 plus 4,what is 2]", "decode=block", "decode.gen_length=8",
