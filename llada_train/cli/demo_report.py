@@ -11,6 +11,7 @@ dialogue that also occurs in ``--chat``, the SFT training set, is left out).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -111,13 +112,19 @@ def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir)]
 
 
+@functools.cache
+def load_export(export_dir: Path) -> tuple[torch.nn.Module, object]:
+    """The model and tokenizer of an export, read once per report (sample chats and the
+    accuracy table both decode with them)."""
+    return load_pretrained(export_dir), load_tokenizer(export_dir)
+
+
 def complete(export_dir: Path, prompts: list[list[int]], gen_length: int) -> list[str]:
     """Greedy low-confidence completions of tokenised prompts from a released-layout folder.
 
     The text is cut at the first EOS or ``<|eot_id|>``; ``[+N eos]`` counts the EOS fill after it.
     """
-    model = load_pretrained(export_dir)
-    tok = load_tokenizer(export_dir)
+    model, tok = load_export(export_dir)
     cfg = model.config
     stops = {cfg.eos_token_id, tok.token_to_id("<|eot_id|>")}
     outs = []
