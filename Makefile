@@ -55,10 +55,11 @@ demo: install
 	$(PY) -m llada_train.cli.demo_report --run-dir $(DEMO_DIR)/pretrain --sft-dir $(DEMO_DIR)/sft \
 		--chat $(DEMO_DIR)/data/chat.jsonl
 
-# two pytest workers: most tests wait on process start-up, so 2 cores run two at a time
+# two pytest workers: most tests wait on process start-up, so 2 cores run two at a time;
+# loadgroup keeps the live-SLURM tests (one cluster per module) on one worker
 TEST_WORKERS ?= 2
 test: dev
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --durations=10
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=10
 
 # Re-record tests/assets/losses/{pretrain,sft}.json (the golden loss curves) after a numeric
 # change made on purpose; review and commit the diff.

@@ -1,7 +1,10 @@
-"""launch/: the SLURM scripts (on fake srun/scontrol/sbatch), local.sh, the DeepSpeed launcher.
+"""launch/: the SLURM scripts on fake srun/scontrol/sbatch, local.sh, the DeepSpeed launcher.
 
-The sbatch scripts run for real here: tests/fake_slurm emulates an allocation on this machine
-(see the header of each fake). The launch scripts are configured for CPU through their
+tests/fake_slurm emulates an allocation of several nodes on this machine (see the header of
+each fake): the two tests here that use it show what one machine's live scheduler cannot,
+two nodes meeting in one rendezvous. Everything a single node shows (time-limit pre-emption,
+requeue, scancel, bad input in a job, the run_dir lock) runs on a live SLURM in
+tests/test_slurm_live.py. The launch scripts are configured for CPU through their
 documented environment (GPUS_PER_NODE, LLADA_DEVICE=cpu, LLADA_PYTHON, MASTER_PORT), the same
 knobs a user has; nothing in them knows about tests.
 """
@@ -24,7 +27,7 @@ import psutil
 import pytest
 
 from tests.conftest import BIN, REPO
-from tests.launch_utils import free_port, launch_env, metrics
+from tests.launch_utils import cli, free_port, launch_env, metrics
 
 LAUNCH = REPO / "launch"
 FAKE_SLURM = REPO / "tests" / "fake_slurm"
@@ -200,16 +203,6 @@ def test_sbatch_builds_one_torchrun_per_node_with_c10d_rendezvous(stub_python, t
     assert not (tmp_path / "slurm" / "requeue.log").exists()
 
 
-def test_sbatch_failure_is_not_requeued(stub_python, tmp_path):
-    stub, calls = stub_python
-    env = job_env(tmp_path / "slurm", LLADA_PYTHON=str(stub), STUB_OUT=str(calls), STUB_EXIT="3")
-    proc = subprocess.run([str(SBATCH), "launch/slurm/sft.sbatch", "init_from=/m"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 3
-    assert "llada_train.cli.sft" in (calls / "call.0").read_text()
-    assert not (tmp_path / "slurm" / "requeue.log").exists()
-
-
 def test_sbatch_outside_slurm_says_so(tmp_path):
     env = job_env()
     proc = subprocess.run(["bash", "launch/slurm/pretrain.sbatch"], cwd=REPO, env=env,
@@ -250,59 +243,20 @@ MAX_STEPS = 60
 
 
 @pytest.fixture(scope="module")
-def usr1_job(demo_data, tmp_path_factory):
-    """pretrain.sbatch on a fake 1-node allocation with 2 CPU ranks; SIGUSR1 to the batch script
-    once training runs (as ``--signal=B:USR1`` does); the fake sbatch starts the job again when
-    it requeued itself. Returns (output, run_dir, slurm state dir)."""
-    root = tmp_path_factory.mktemp("usr1")
-    run_dir, state = root / "run", root / "slurm"
-    env = job_env(state)
-    log = root / "job.log"
-    cmd = [SBATCH, "launch/slurm/pretrain.sbatch", *pretrain_args(demo_data, run_dir, f"trainer.max_steps={MAX_STEPS}")]
-    with job(cmd, env, log) as proc:
-        wait_for_steps(proc, run_dir, log, 2)
-        os.kill(int((state / "batch.pid").read_text()), signal.SIGUSR1)
-        out = finish(proc, log)
-    return out, run_dir, state
+def pretrain_export(demo_data, tmp_path_factory) -> Path:
+    """A 2-step pretraining export to start SFT from (one process, no launcher)."""
+    run_dir = tmp_path_factory.mktemp("pre") / "run"
+    cli("llada-pretrain", pretrain_args(demo_data, run_dir, "trainer.max_steps=2", "trainer.micro_batch_size=8"))
+    return run_dir / "export"
 
 
 @pytest.mark.slow
-def test_usr1_checkpoints_requeues_and_resumes(usr1_job):
-    out, run_dir, state = usr1_job
-    m = re.search(r"pre-emption signal received: checkpointing at step (\d+)", out)
-    assert m, out[-5000:]
-    step = int(m.group(1))
-    assert 2 <= step < MAX_STEPS
-    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
-    events = [
-        "llada slurm job 4242 (start 1): pretrain on 1 node(s) x 2 cpu rank(s)",
-        "llada: SIGUSR1 received by the batch script",
-        m.group(0),
-        f"checkpoint saved: {ckpt}",
-        f"llada: training checkpointed after SIGUSR1; requeueing job {JOB_ID}",
-        "llada slurm job 4242 (start 2)",
-        f"resumed from {ckpt} at step {step}",
-        f"checkpoint saved: {run_dir / 'checkpoints' / f'step_{MAX_STEPS:08d}'}",
-    ]
-    positions = [out.find(e) for e in events]
-    assert all(p >= 0 for p in positions), [e for e, p in zip(events, positions, strict=True) if p < 0]
-    assert positions == sorted(positions), "events out of order"
-    assert (state / "requeue.log").read_text() == f"{JOB_ID}\n"  # requeued once, by scontrol
-    # every step logged once: 1..step before the signal, step+1..MAX after the resume
-    assert [r["step"] for r in metrics(run_dir)] == list(range(1, MAX_STEPS + 1))
-    starts = run_info(run_dir)
-    assert len(starts) == 2 and all(s["world_size"] == 2 for s in starts)
-    assert "git_commit" in starts[0] and (run_dir / "config.yaml").exists()
-    assert (run_dir / "export" / "model.safetensors").exists()  # the resumed run finished
-
-
-@pytest.mark.slow
-def test_sft_sbatch_on_two_fake_nodes(usr1_job, demo_data, tmp_path):
-    """Two 'nodes' (two srun tasks, two torchrun agents) meet in one c10d rendezvous."""
-    _, pre_dir, _ = usr1_job
+def test_sft_sbatch_on_two_fake_nodes(pretrain_export, demo_data, tmp_path):
+    """Two 'nodes' (two srun tasks, two torchrun agents) meet in one c10d rendezvous: the one
+    thing the live one-node scheduler of tests/test_slurm_live.py cannot show."""
     run_dir = tmp_path / "sft"
     env = job_env(tmp_path / "slurm", GPUS_PER_NODE="1", FAKE_SLURM_NODES="localhost,127.0.0.1")
-    args = [f"run_dir={run_dir}", f"init_from={pre_dir / 'export'}", f"data.path={demo_data / 'sft'}",
+    args = [f"run_dir={run_dir}", f"init_from={pretrain_export}", f"data.path={demo_data / 'sft'}",
             f"data.tokenizer={demo_data / 'tokenizer.json'}", "schedule=sft_demo", "trainer.epochs=0",
             "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
             "trainer.seq_len=256", "logging.log_every=1", "logging.progress_bar=false"]

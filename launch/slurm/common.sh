@@ -19,7 +19,8 @@
 #    ranks checkpoint and exit, and the job is not requeued by this script. When SLURM
 #    signals every process of the step itself (proctrack/cgroup), torchrun ignores it and
 #    torchrun_node.sh still hands it to the ranks; SLURM's SIGKILL follows KillWait seconds
-#    later. `scancel --batch --signal=TERM JOB` signals only this script: no SIGKILL follows.
+#    later. `scancel --batch --signal=TERM JOB` signals only this script: it hands SIGUSR1
+#    to the ranks (see the traps below), they checkpoint, the job ends 0, no SIGKILL follows.
 #
 # Environment (export before sbatch; sbatch passes the submitting shell's environment):
 #   GPUS_PER_NODE, LLADA_PYTHON, LLADA_DEVICE   see launch/env.sh
@@ -81,9 +82,12 @@ llada_slurm_run() {
   _llada_srun_pid=$!
   _llada_usr1=0
   _llada_interrupted=0
+  # Always SIGUSR1 to srun: srun passes it to every task, but answers SIGTERM by killing the
+  # step at once (seen on Slurm 22.05) and a single SIGINT with a status report. The ranks
+  # treat SIGUSR1 and SIGTERM alike: checkpoint, exit 0.
   trap '_llada_forward USR1 USR1' USR1
-  trap '_llada_forward TERM TERM' TERM
-  trap '_llada_forward INT TERM' INT  # srun treats a single SIGINT as a status request
+  trap '_llada_forward TERM USR1' TERM
+  trap '_llada_forward INT USR1' INT
 
   local rc
   while :; do  # `wait` returns early when a trapped signal arrives: wait again

@@ -39,6 +39,7 @@ from llada_train.train.loop import LoopConfigs, Trainer, TrainerConfig, TrainRes
 from llada_train.train.optim import OptimConfig
 from llada_train.train.parts import Objective, RunContext, TrainerParts
 from llada_train.train.preemption import PreemptionFlag
+from llada_train.train.run_lock import hold_run_dir
 from llada_train.train.schedule import ScheduleConfig, curriculum_sizes
 from llada_train.train.validation import ValidationConfig, Validator
 
@@ -65,6 +66,8 @@ def write_run_info(run_dir: Path, cfg: DictConfig, world_size: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     info = {**code_version(), "world_size": world_size, "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if job := os.environ.get("SLURM_JOB_ID"):  # a requeued job starts again under its own id
+        info.update(slurm_job_id=job, slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
     with (run_dir / "run_info.jsonl").open("a") as f:  # one line per (re)start of the job
         f.write(json.dumps(info) + "\n")
 
@@ -257,6 +260,8 @@ def run_training(
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         pre = preflight(cfg, world, check)
+        if rank == 0:  # before any process group: a second job stops in seconds
+            hold_run_dir(cfg.run_dir)
     except LladaError as exc:
         _fail(exc, rank, world, after_setup=False)
     model_cfg, trainer_cfg, optim_cfg, ds_cfg, ds_json = (
