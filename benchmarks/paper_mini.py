@@ -12,8 +12,13 @@ the framework's trainer: this benchmarks the method (objectives, samplers, likel
 3. Sampling speed vs quality on the reversal models: completions " is B." of seen-phrasing
    prompts by several diffusion samplers and AR greedy decoding; accuracy and NFE.
 
-    python benchmarks/paper_mini.py --quick --out /tmp/pm   # smoke run, ~1 min on 2 CPU cores
-    python benchmarks/paper_mini.py --out runs/paper_mini   # full run
+Part 2 (issue 21, ``paper_mini_block.py``): 4. the likelihood ladder AR, BD(1), BD(4), BD(8),
+BD(16), MDLM at equal steps and tokens, with each bound's estimator spread; 5. reversal in the
+LLaDA paper's own form (Table 4: two-line poems, the next or the previous line) for the
+diffusion model, a block model and the AR twin, beside part 1's phrasing test.
+
+    python benchmarks/paper_mini.py --quick --out /tmp/pm   # smoke run of both parts, ~1 min
+    python benchmarks/paper_mini.py --out runs/paper_mini   # full run (--part 1 or 2: one part)
 
 Prints Markdown tables and writes ``tables.md``, ``results.json`` and PNG plots to ``--out``.
 """
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -34,6 +38,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.paper_mini_block import (  # noqa: E402
+    FULL2,
+    QUICK2,
+    ladder,
+    part_two_text,
+    poems,
+)
+from benchmarks.paper_mini_block import plots as block_plots  # noqa: E402
 from benchmarks.paper_mini_data import (  # noqa: E402
     FACT_ROW,
     NAME_LENGTH,
@@ -51,8 +63,11 @@ from benchmarks.paper_mini_models import (  # noqa: E402
     SIZES,
     answer,
     bits_per_char,
+    ci95,
+    fmt,
     infill_accuracy,
     model_config,
+    table,
     train,
     train_flops,
 )
@@ -82,18 +97,6 @@ FULL = Plan(1500, 16, 64, 32, 128, 10, 2000, 32, "S", (0, 1, 2, 3, 4))
 LR = 3e-3
 
 
-def ci95(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of mean +- 1.96 std/sqrt(n)); half-width 0 for one value."""
-    mean = statistics.fmean(values)
-    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return mean, half
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 # --------------------------------------------------------------------------- experiment 1
 
 
@@ -108,27 +111,50 @@ def likelihood(plan: Plan, data: Path, seed: int) -> dict:
         for kind in KINDS:
             cfg = model_config(size, vocab, plan.lm_seq, kind)
             model, loss, sec = train(
-                cfg, kind, lambda g: random_windows(train_ids, plan.lm_batch, plan.lm_seq, g),
-                plan.lm_steps, seed, LR,
+                cfg,
+                kind,
+                lambda g: random_windows(train_ids, plan.lm_batch, plan.lm_seq, g),
+                plan.lm_steps,
+                seed,
+                LR,
             )
             row[kind] = bits_per_char(model, kind, windows, plan.elbo_samples, seed)
             row[f"{kind}_seconds"] = sec
             row["params"] = count_parameters(cfg)
             row["flops"] = train_flops(cfg, plan.lm_steps, plan.lm_batch, plan.lm_seq)
-            print(f"  [lm] {size} {kind}: train loss {loss:.3f}, {row[kind]:.3f} bits/char, {sec:.0f}s",
-                  flush=True)
+            print(
+                f"  [lm] {size} {kind}: train loss {loss:.3f}, {row[kind]:.3f} bits/char, {sec:.0f}s",
+                flush=True,
+            )
         out["rows"].append(row)
     return out
 
 
 def likelihood_table(res: dict) -> str:
     rows = [
-        [r["size"], f"{r['params']:,}", f"{r['flops']:.2e}", f"{r['diffusion']:.3f}", f"{r['ar']:.3f}",
-         f"{r['diffusion'] - r['ar']:+.3f}", f"{r['diffusion'] / r['ar']:.3f}"]
+        [
+            r["size"],
+            f"{r['params']:,}",
+            f"{r['flops']:.2e}",
+            f"{r['diffusion']:.3f}",
+            f"{r['ar']:.3f}",
+            f"{r['diffusion'] - r['ar']:+.3f}",
+            f"{r['diffusion'] / r['ar']:.3f}",
+        ]
         for r in res["rows"]
     ]
-    return table(["size", "params", "train FLOPs (each)", "diffusion bound (bits/char)",
-                  "AR exact (bits/char)", "gap", "ratio"], rows)
+    return table(
+        [
+            "size",
+            "params",
+            "train FLOPs (each)",
+            "diffusion bound (bits/char)",
+            "AR exact (bits/char)",
+            "gap",
+            "ratio",
+        ],
+        rows,
+    )
 
 
 # --------------------------------------------------------------------------- experiments 2, 3
@@ -150,8 +176,15 @@ def reversal(plan: Plan, data: Path, seeds: list[int]) -> dict:
         for kind in KINDS:
             cfg = model_config(plan.fact_size, vocab, FACT_ROW, kind)
             model, loss, sec = train(
-                cfg, kind, lambda g, rows=rows: rows[torch.randint(0, len(rows), (plan.fact_batch,), generator=g)],
-                plan.fact_steps, seed, LR, var_len_prob=0.0,  # a cut would drop the answer
+                cfg,
+                kind,
+                lambda g, rows=rows: rows[
+                    torch.randint(0, len(rows), (plan.fact_batch,), generator=g)
+                ],
+                plan.fact_steps,
+                seed,
+                LR,
+                var_len_prob=0.0,  # a cut would drop the answer
             )
             first = "low-confidence, 1 token/step"
             res[kind] = {
@@ -166,18 +199,25 @@ def reversal(plan: Plan, data: Path, seeds: list[int]) -> dict:
             else:
                 methods = ["AR greedy"]
             res[kind]["speed"] = {m: answer(model, kind, m, speed_q, vocab) for m in methods}
-            print(f"  [facts] seed {seed} {kind}: loss {loss:.3f}, forward {res[kind]['forward']:.2f}, "
-                  f"reversed {res[kind]['reversed']:.2f}, {sec:.0f}s", flush=True)
+            print(
+                f"  [facts] seed {seed} {kind}: loss {loss:.3f}, forward {res[kind]['forward']:.2f}, "
+                f"reversed {res[kind]['reversed']:.2f}, {sec:.0f}s",
+                flush=True,
+            )
         per_seed.append(res)
-    return {"facts": len(facts), "queries": len(fwd), "seeds": seeds, "per_seed": per_seed,
-            "params": count_parameters(model_config(plan.fact_size, vocab, FACT_ROW, "ar")),
-            "flops": train_flops(model_config(plan.fact_size, vocab, FACT_ROW, "ar"),
-                                 plan.fact_steps, plan.fact_batch, FACT_ROW)}
-
-
-def fmt(values: list[float]) -> str:
-    mean, half = ci95(values)
-    return f"{100 * mean:.1f} +- {100 * half:.1f}"
+    return {
+        "facts": len(facts),
+        "queries": len(fwd),
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "params": count_parameters(model_config(plan.fact_size, vocab, FACT_ROW, "ar")),
+        "flops": train_flops(
+            model_config(plan.fact_size, vocab, FACT_ROW, "ar"),
+            plan.fact_steps,
+            plan.fact_batch,
+            FACT_ROW,
+        ),
+    }
 
 
 def reversal_table(res: dict) -> str:
@@ -189,8 +229,16 @@ def reversal_table(res: dict) -> str:
         gap = [a - b for a, b in zip(f, v, strict=True)]
         infill = fmt([r[kind]["infill"] for r in ps]) if kind == "diffusion" else "n/a"
         rows.append([kind, fmt(f), fmt(v), fmt(gap), infill])
-    return table(["model", "forward (seen phrasing) %", "reversed (other phrasing) %",
-                  "forward - reversed", "infill reversed name %"], rows)
+    return table(
+        [
+            "model",
+            "forward (seen phrasing) %",
+            "reversed (other phrasing) %",
+            "forward - reversed",
+            "infill reversed name %",
+        ],
+        rows,
+    )
 
 
 def speed_rows(res: dict) -> list[tuple[str, float, float, float]]:
@@ -224,22 +272,35 @@ def plots(lm: dict, rev: dict, out: Path) -> list[Path]:
     params = [r["params"] for r in lm["rows"]]
     for kind, label in (("diffusion", "diffusion (SPEC §6 bound)"), ("ar", "AR (exact)")):
         ax.plot(params, [r[kind] for r in lm["rows"]], "o-", label=label)
-    ax.set(xscale="log", xlabel="parameters (equal training FLOPs per pair)",
-           ylabel="held-out bits/char", title="Likelihood at equal compute")
+    ax.set(
+        xscale="log",
+        xlabel="parameters (equal training FLOPs per pair)",
+        ylabel="held-out bits/char",
+        title="Likelihood at equal compute",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(paths[0], dpi=120)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ps = rev["per_seed"]
-    for start, kind, cells in ((0, "diffusion", ("forward", "reversed", "infill")),
-                               (4, "ar", ("forward", "reversed"))):
+    for start, kind, cells in (
+        (0, "diffusion", ("forward", "reversed", "infill")),
+        (4, "ar", ("forward", "reversed")),
+    ):
         stats = [ci95([r[kind][d] for r in ps]) for d in cells]
-        ax.bar(range(start, start + len(cells)), [100 * s[0] for s in stats],
-               yerr=[100 * s[1] for s in stats], color=["tab:blue", "tab:orange", "tab:green"][: len(cells)],
-               capsize=4)
+        ax.bar(
+            range(start, start + len(cells)),
+            [100 * s[0] for s in stats],
+            yerr=[100 * s[1] for s in stats],
+            color=["tab:blue", "tab:orange", "tab:green"][: len(cells)],
+            capsize=4,
+        )
     ax.set_xticks([0, 1, 2, 4, 5], ["diff fwd", "diff rev", "diff infill", "AR fwd", "AR rev"])
-    ax.set(ylabel="accuracy % (95% CI)", title=f"Reversal curse ({rev['facts']} facts, {len(ps)} seeds)")
+    ax.set(
+        ylabel="accuracy % (95% CI)",
+        title=f"Reversal curse ({rev['facts']} facts, {len(ps)} seeds)",
+    )
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)
 
@@ -257,43 +318,77 @@ def plots(lm: dict, rev: dict, out: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (~1 min)")
+    parser.add_argument(
+        "--part",
+        choices=("1", "2", "all"),
+        default="all",
+        help="1: experiments 1-3 (issue 15), 2: experiments 4-5 (issue 21), all: both",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "paper_mini")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/tinyshakespeare/input.txt")
-    parser.add_argument("--seeds", type=int, nargs="+", help="reversal seeds (quick 0-2, full 0-4)")
+    parser.add_argument(
+        "--data", type=Path, default=REPO.parent / "shared/data/tinyshakespeare/input.txt"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="seeds (part 1: quick 0-2, full 0-4; part 2: 0-1, 0-2)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest here)")
     args = parser.parse_args()
     if not args.data.is_file():
-        sys.exit(f"paper_mini: {args.data} not found; pass --data path/to/tinyshakespeare/input.txt")
+        sys.exit(
+            f"paper_mini: {args.data} not found; pass --data path/to/tinyshakespeare/input.txt"
+        )
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     plan = QUICK if args.quick else FULL
-    args.seeds = args.seeds or list(plan.seeds)
+    plan2 = QUICK2 if args.quick else FULL2
+    seeds = args.seeds or list(plan.seeds)
+    seeds2 = args.seeds or list(plan2.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"paper_mini ({'quick' if args.quick else 'full'}): {plan}", flush=True)
-    lm = likelihood(plan, args.data, args.seeds[0])
-    rev = reversal(plan, args.data, args.seeds)
+    print(
+        f"paper_mini ({'quick' if args.quick else 'full'}, part {args.part}): {plan}, {plan2}",
+        flush=True,
+    )
+    sections: list[str] = []
+    results: dict = {"plan": plan.__dict__, "plan2": plan2.__dict__}
+    rev = None
+    if args.part in ("1", "all"):
+        lm = likelihood(plan, args.data, seeds[0])
+        rev = reversal(plan, args.data, seeds)
+        results.update(likelihood=lm, reversal=rev)
+        sections += part_one_text(lm, rev, plan, seeds)
+    if args.part in ("2", "all"):
+        lad = ladder(plan2, args.data, seeds2[0])
+        poem = poems(plan2, args.data, seeds2)
+        results.update(ladder=lad, poems=poem)
+        sections += part_two_text(lad, poem, plan2, rev)
     seconds = time.perf_counter() - t0
-    seeds = " ".join(map(str, args.seeds))
-    text = "\n\n".join([
-        f"## 1. Likelihood at equal compute (seed {args.seeds[0]}; {plan.lm_steps} steps x "
+    results["seconds"] = seconds
+    text = "\n\n".join([*sections, f"wall time {seconds:.0f}s"])
+    print("\n" + text)
+    (args.out / "tables.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    paths = plots(lm, rev, args.out) if "likelihood" in results else []
+    paths += block_plots(lad, poem, plan2, args.out) if "ladder" in results else []
+    for p in paths:
+        print(f"wrote {p}")
+
+
+def part_one_text(lm: dict, rev: dict, plan: Plan, seeds: list[int]) -> list[str]:
+    """The headings and tables of experiments 1-3."""
+    seed_list = " ".join(map(str, seeds))
+    return [
+        f"## 1. Likelihood at equal compute (seed {seeds[0]}; {plan.lm_steps} steps x "
         f"{plan.lm_batch} x {plan.lm_seq} tokens; {lm['test_chars']} held-out chars; "
         f"bound with {plan.elbo_samples} samples per window)",
         likelihood_table(lm),
         f"## 2. Reversal curse ({rev['facts']} facts, {rev['queries']} one-phrasing queries per "
-        f"direction, seeds {seeds}; size {plan.fact_size}, {rev['params']:,} params, "
+        f"direction, seeds {seed_list}; size {plan.fact_size}, {rev['params']:,} params, "
         f"{rev['flops']:.2e} train FLOPs each; mean +- 1.96 std/sqrt(n))",
         reversal_table(rev),
-        f"## 3. Sampling speed vs quality (forward completions, seeds {seeds})",
+        f"## 3. Sampling speed vs quality (forward completions, seeds {seed_list})",
         speed_table(rev),
-        f"wall time {seconds:.0f}s",
-    ])
-    print("\n" + text)
-    (args.out / "tables.md").write_text(text + "\n")
-    (args.out / "results.json").write_text(json.dumps(
-        {"plan": plan.__dict__, "seconds": seconds, "likelihood": lm, "reversal": rev}, indent=1))
-    for p in plots(lm, rev, args.out):
-        print(f"wrote {p}")
+    ]
 
 
 if __name__ == "__main__":

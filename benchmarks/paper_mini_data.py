@@ -13,6 +13,7 @@ BOS, EOS, MASK = 0, 1, 2  # ids are configuration (SPEC §1): this tokenizer pic
 OFFSET = 3
 NAME_LETTERS = string.ascii_lowercase
 NAME_LENGTH = 3
+POEM_MARKS = "/<>"  # the couplet's line break and the two task prompts (not in the corpus)
 FACT_ROW = 32  # BOS + the longest fact sentence (25 chars) + EOS padding
 
 
@@ -40,6 +41,8 @@ def load_shakespeare(path: Path) -> tuple[str, CharVocab]:
     """The corpus and a vocabulary over its characters plus everything the facts use."""
     text = path.read_text(encoding="utf-8")
     chars = "".join(sorted(set(text) | set(NAME_LETTERS + " .")))
+    # the poems' marks go last, so the ids of part 1 (issue 15) stay as they were
+    chars += "".join(c for c in POEM_MARKS if c not in chars)
     return text, CharVocab(chars)
 
 
@@ -50,7 +53,9 @@ def split_ids(text: str, vocab: CharVocab) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:cut], ids[cut:]
 
 
-def random_windows(stream: torch.Tensor, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+def random_windows(
+    stream: torch.Tensor, batch: int, seq: int, gen: torch.Generator
+) -> torch.Tensor:
     """(batch, seq) rows: BOS then seq - 1 characters from uniformly random offsets."""
     starts = torch.randint(0, len(stream) - seq, (batch,), generator=gen)
     body = torch.stack([stream[s : s + seq - 1] for s in starts.tolist()])
@@ -70,7 +75,7 @@ PARENT, CHILD = "the parent of {} is {}.", "the child of {} is {}."
 
 @dataclass
 class Fact:
-    """"the parent of ``child`` is ``parent``" and, equivalently, "the child of ``parent`` is
+    """ "the parent of ``child`` is ``parent``" and, equivalently, "the child of ``parent`` is
     ``child``"; ``seen`` says which phrasing training shows: "parent", "child" or "both"."""
 
     child: str
@@ -100,7 +105,9 @@ def make_facts(n_per_group: int, seed: int) -> list[Fact]:
     pool = sorted(names)
     rng.shuffle(pool)
     facts = []
-    for i, seen in enumerate(["parent"] * n_per_group + ["child"] * n_per_group + ["both"] * n_per_group):
+    for i, seen in enumerate(
+        ["parent"] * n_per_group + ["child"] * n_per_group + ["both"] * n_per_group
+    ):
         facts.append(Fact(pool[2 * i], pool[2 * i + 1], seen))
     return facts
 
@@ -128,3 +135,93 @@ def held_out_queries(
         other = "child" if f.seen == "parent" else "parent"
         out.append(f.query(f.seen if direction == "forward" else other, answer_chars))
     return out
+
+
+# --------------------------------------------------------------------------- two-line poems
+
+# the LLaDA paper's Table 4 in miniature: couplets of two lines, each line 3 words of 3 letters
+WORDS = (
+    "sun",
+    "sea",
+    "sky",
+    "red",
+    "old",
+    "oak",
+    "owl",
+    "fox",
+    "ash",
+    "elm",
+    "ice",
+    "dew",
+    "fog",
+    "day",
+    "eye",
+    "ink",
+)
+LINE_LENGTH = 11  # "sun sea sky"
+COUPLET, NEXT, PREVIOUS = "{} / {}.", "{} > {}.", "{} < {}."  # the poem; the two task prompts
+POEM_ROW = 32  # BOS + 27 characters + EOS padding
+
+
+@dataclass
+class Poem:
+    """Two lines; ``taught`` poems also appear in both task forms in training (they teach
+    what ">" next line and "<" previous line mean), the others only as the couplet."""
+
+    first: str
+    second: str
+    taught: bool
+
+    def rows(self) -> list[str]:
+        """The training sentences of this poem."""
+        out = [COUPLET.format(self.first, self.second)]
+        if self.taught:
+            out += [NEXT.format(self.first, self.second), PREVIOUS.format(self.second, self.first)]
+        return out
+
+
+def make_poems(n_per_group: int, seed: int) -> list[Poem]:
+    """``n_per_group`` taught and ``n_per_group`` held-out poems, all 4n lines distinct."""
+    rng = random.Random(seed)
+    lines: set[str] = set()
+    while len(lines) < 4 * n_per_group:
+        lines.add(" ".join(rng.choice(WORDS) for _ in range(3)))
+    pool = sorted(lines)
+    rng.shuffle(pool)
+    return [Poem(pool[2 * i], pool[2 * i + 1], i < n_per_group) for i in range(2 * n_per_group)]
+
+
+def poem_rows(poems: list[Poem], vocab: CharVocab) -> torch.Tensor:
+    """(N, POEM_ROW) training rows: BOS + sentence + EOS padding."""
+    rows = []
+    for p in poems:
+        for s in p.rows():
+            ids = [BOS, *vocab.encode(s)]
+            rows.append(ids + [EOS] * (POEM_ROW - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def poem_queries(poems: list[Poem], form: str) -> list[tuple[str, str]]:
+    """(prompt, answer line) on the held-out poems. ``form``: "next" / "previous" are the
+    paper's prompted queries ("line >" -> the next line, "line <" -> the previous one);
+    "couplet" completes the poem as seen in training (given the first line)."""
+    held = [p for p in poems if not p.taught]
+    if form == "couplet":
+        return [(COUPLET.format(p.first, "")[:-1], p.second) for p in held]
+    if form == "next":
+        return [(NEXT.format(p.first, "")[:-1], p.second) for p in held]
+    return [(PREVIOUS.format(p.second, "")[:-1], p.first) for p in held]
+
+
+def couplet_infill_rows(poems: list[Poem], vocab: CharVocab) -> tuple[torch.Tensor, list[str]]:
+    """(N, POEM_ROW) held-out couplet rows with the first line masked, and the first lines:
+    the reverse query in the form the diffusion objective trains (the right context given)."""
+    rows, answers = [], []
+    for p in poems:
+        if p.taught:
+            continue
+        ids = [BOS, *vocab.encode(COUPLET.format(p.first, p.second))]
+        ids[1 : 1 + LINE_LENGTH] = [MASK] * LINE_LENGTH
+        rows.append(ids + [EOS] * (POEM_ROW - len(ids)))
+        answers.append(p.first)
+    return torch.tensor(rows, dtype=torch.long), answers

@@ -9,6 +9,7 @@ mean equal training FLOPs.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,21 +28,38 @@ SIZES = {  # name -> (d_model, n_layers, n_heads, mlp_hidden): small enough for 
     "M": (96, 3, 4, 256),
 }
 KINDS = ("diffusion", "ar")
+OBJECTIVE_OF_KIND = {"diffusion": "pretrain", "ar": "ar", "block": "block"}  # registry names
 
 
-def model_config(size: str, vocab: CharVocab, seq: int, kind: str) -> ModelConfig:
-    """The twin of ``kind``: identical shape, causal attention for the AR one."""
+def model_config(
+    size: str, vocab: CharVocab, seq: int, kind: str, block_size: int = 0
+) -> ModelConfig:
+    """The twin of ``kind``: identical shape, causal attention for the AR one; a block
+    model (kind "block") records its ``block_size`` (its samplers and bound read it)."""
     d, n_layers, n_heads, mlp = SIZES[size]
     return ModelConfig(
-        d_model=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, mlp_hidden_size=mlp,
-        vocab_size=vocab.size, max_sequence_length=seq, mask_token_id=MASK, eos_token_id=EOS,
-        pad_token_id=EOS, bos_token_id=BOS, causal=kind == "ar",
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        mlp_hidden_size=mlp,
+        vocab_size=vocab.size,
+        max_sequence_length=seq,
+        mask_token_id=MASK,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        bos_token_id=BOS,
+        causal=kind == "ar",
+        block_size=block_size if kind == "block" else 0,
     )
 
 
 def train_flops(cfg: ModelConfig, steps: int, batch: int, seq: int) -> float:
-    """Training FLOPs of a run (``flops_per_token`` convention, the same for both twins)."""
-    return flops_per_token(replace(cfg, causal=False), seq) * steps * batch * seq
+    """Training FLOPs of a run (``flops_per_token`` convention, the same for both twins). A
+    block model's pass is ``cat(x_t, x_0)``, 2 x seq positions, counted with dense attention
+    over all of them (the block mask skips about 3/4 of the scores, the FLOP count does not)."""
+    positions = 2 * seq if cfg.block_size else seq
+    return flops_per_token(replace(cfg, causal=False), positions) * steps * batch * positions
 
 
 def train(
@@ -55,20 +73,29 @@ def train(
 ) -> tuple[LLaDAModel, float, float]:
     """AdamW, 5% linear warmup then cosine to 10%. Returns (model, last-10% mean loss, seconds).
 
-    The diffusion twin uses the SPEC §2 objective, the AR twin next-token CE; the same seed
-    gives both the same initial weights and the same batches.
+    The diffusion twin uses the SPEC §2 objective, the AR twin next-token CE, a block model
+    (kind "block") ``objective=block`` with ``cfg.block_size``; the same seed gives all the
+    same initial weights and the same batches.
     """
     torch.manual_seed(seed)
     model = LLaDAModel(cfg)
     model.init_weights(torch.Generator().manual_seed(seed))
-    name = "ar" if kind == "ar" else "pretrain"
-    objective = build_objective(ObjectiveConfig(name=name, var_len_prob=var_len_prob, loss_chunk_rows=0), MASK)
+    objective_cfg = ObjectiveConfig(
+        name=OBJECTIVE_OF_KIND[kind],
+        var_len_prob=var_len_prob,
+        loss_chunk_rows=0,
+        block_size=cfg.block_size if kind == "block" else 0,
+    )
+    objective = build_objective(objective_cfg, MASK, EOS)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: (s + 1) / warm if s < warm
-        else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
+        lambda s: (
+            (s + 1) / warm
+            if s < warm
+            else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+        ),
     )
     data_gen = torch.Generator().manual_seed(seed + 1)
     noise_gen = torch.Generator().manual_seed(seed + 2)
@@ -91,7 +118,9 @@ def train(
 # --------------------------------------------------------------------------- likelihood
 
 
-def bits_per_char(model: LLaDAModel, kind: str, windows: torch.Tensor, samples: int, seed: int) -> float:
+def bits_per_char(
+    model: LLaDAModel, kind: str, windows: torch.Tensor, samples: int, seed: int
+) -> float:
     """Bits per character of ``windows`` (N, C), each after a BOS prompt: the AR twin's exact
     NLL, or the diffusion model's SPEC §6 bound (an upper bound on its NLL) with ``samples``
     Monte Carlo draws per window."""
@@ -190,7 +219,29 @@ def infill_accuracy(model: LLaDAModel, facts: list, vocab: CharVocab) -> float:
     region = x == MASK
     one = torch.ones(x.shape[0], dtype=torch.long)
     for _ in range(NAME_LENGTH):
-        x, _ = commit_step(x, model(x).float(), x == MASK, one, 0.0, "low_confidence", None, mask_token_id=MASK)
+        x, _ = commit_step(
+            x, model(x).float(), x == MASK, one, 0.0, "low_confidence", None, mask_token_id=MASK
+        )
     got = x[region].view(len(rows), NAME_LENGTH)
     want = torch.tensor(targets, dtype=torch.long)
     return float((got == want).all(1).double().mean())
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def ci95(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of mean +- 1.96 std/sqrt(n)); half-width 0 for one value."""
+    mean = statistics.fmean(values)
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, half
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def fmt(values: list[float]) -> str:
+    mean, half = ci95(values)
+    return f"{100 * mean:.1f} +- {100 * half:.1f}"

@@ -38,6 +38,7 @@ def prepare_demo(
     num_workers: int = 1,
     force: bool = False,
     progress: bool = False,
+    answers: str = "sentence",
 ) -> dict[str, Any]:
     """Build (or reuse, when up to date) the demo data folder; returns the summary in demo.json."""
     out = Path(out)
@@ -49,6 +50,8 @@ def prepare_demo(
         "shard_tokens": shard_tokens,
         "version": 1,
     }
+    if answers != "sentence":  # the default leaves demo.json as before: old folders stay reusable
+        settings["answers"] = answers
     marker = out / "demo.json"
     if not force and marker.is_file():
         done = json.loads(marker.read_text())
@@ -56,9 +59,10 @@ def prepare_demo(
             return done
     t0 = time.perf_counter()
     files = demo_corpus.write_corpus(out / "corpus", documents, seed)
-    chat = demo_corpus.write_chat(out / "chat.jsonl", dialogues, seed)
+    chat = demo_corpus.write_chat(out / "chat.jsonl", dialogues, seed, answers)
+    # train on documents and chat contents so question words get merges too; always on the
+    # sentence answers (whose words hold the short ones'), so both styles share one tokenizer
     dialogs = demo_corpus.generate_dialogues(dialogues, seed)
-    # train on documents and chat contents so question words get merges too
     texts = itertools.chain(
         (p.read_text() for p in files), (m["content"] for d in dialogs for m in d)
     )
@@ -99,8 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dialogues", type=int, default=3000)
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    ap.add_argument(
+        "--answers",
+        choices=demo_corpus.ANSWER_STYLES,
+        default="sentence",
+        help="chat answers: full sentences, or only the asked-for part",
+    )
     a = ap.parse_args(argv)
-    s = prepare_demo(a.out, a.seed, a.documents, a.dialogues, a.vocab_size, force=a.force)
+    s = prepare_demo(
+        a.out, a.seed, a.documents, a.dialogues, a.vocab_size, force=a.force, answers=a.answers
+    )
     print(
         f"demo data in {a.out}: {s['num_documents']:,} documents, {s['num_tokens']:,} tokens, "
         f"{s['num_sft_records']:,} SFT records (built in {s['seconds']} s)"

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from llada_train.errors import exit_on_error
+from llada_train.errors import LladaError, exit_on_error
 
 NAMES = {
     "tom": "him",
@@ -150,8 +150,21 @@ def _arith_turn(rng: random.Random, x: int | None = None) -> tuple[str, str, int
     return ask, f"{q} is {r} .", r
 
 
-def _dialogue(rng: random.Random) -> list[dict[str, str]]:
-    """A 1-3 turn dialogue; later turns refer back to earlier ones (multi-turn context)."""
+# How an assistant turn answers: "sentence" restates the question ("a duck says quack ."),
+# "short" names only the asked-for part after "it" ("it says quack ."), so a ~1M-parameter
+# model need not copy the question's subject back (which it does not learn in the demo's
+# budget); the lead "it" keeps the answer word a whole BPE token (" quack", not "qu ack").
+ANSWER_STYLES = ("sentence", "short")
+
+
+def _answer(style: str, sentence: str, short: str) -> str:
+    return sentence if style == "sentence" else short
+
+
+def _dialogue(rng: random.Random, answers: str = "sentence") -> list[dict[str, str]]:
+    """A 1-3 turn dialogue; later turns refer back to earlier ones (multi-turn context).
+
+    Both answer styles draw the same random numbers: a seed gives the same questions."""
     turns = rng.choice([1, 1, 2, 3])
     kind = rng.choice(["arith", "animal", "colour", "story"])
     msgs: list[dict[str, str]] = []
@@ -162,33 +175,41 @@ def _dialogue(rng: random.Random) -> list[dict[str, str]]:
     for k in range(turns):
         if kind == "arith":
             q, a, value = _arith_turn(rng, value)
+            a = _answer(answers, a, f"it is {value} .")
         elif kind == "animal":
             animal = animals[k]
             sound, legs = ANIMALS[animal]
             if ask_sound:
                 q = f"what does {_a(animal)} say ?" if k == 0 else f"what about {_a(animal)} ?"
-                a = f"{_a(animal)} says {sound} ."
+                a = _answer(answers, f"{_a(animal)} says {sound} .", f"it says {sound} .")
             else:
                 q = f"how many legs does {_a(animal)} have ?" if k == 0 else f"and {_a(animal)} ?"
-                a = f"{_a(animal)} has {legs} legs ."
+                a = _answer(answers, f"{_a(animal)} has {legs} legs .", f"it has {legs} legs .")
         elif kind == "colour":
             thing = things[k]
             q = f"what colour is {thing} ?" if k == 0 else f"and {thing} ?"
-            a = f"{thing} is {COLOURS[thing]} ."
+            a = _answer(answers, f"{thing} is {COLOURS[thing]} .", f"it is {COLOURS[thing]} .")
         else:
             name, other = _two_names(rng)
             obj = rng.choice(OBJECTS)
             x, y = rng.randint(0, 10), rng.randint(1, 10)
             q = f"{name} has {x} {obj} and {other} gives {NAMES[name]} {y} more . how many {obj} does {name} have ?"
-            a = f"{name} has {x + y} {obj} ."
+            a = _answer(answers, f"{name} has {x + y} {obj} .", f"it is {x + y} .")
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return msgs
 
 
-def generate_dialogues(num_dialogues: int = 3000, seed: int = 0) -> list[list[dict[str, str]]]:
-    """Chat dialogues as lists of ``{"role", "content"}`` messages (user first, alternating)."""
+def generate_dialogues(
+    num_dialogues: int = 3000, seed: int = 0, answers: str = "sentence"
+) -> list[list[dict[str, str]]]:
+    """Chat dialogues as lists of ``{"role", "content"}`` messages (user first, alternating);
+    ``answers`` is one of ``ANSWER_STYLES``."""
+    if answers not in ANSWER_STYLES:
+        raise LladaError(
+            f"answers={answers!r} is not an answer style; use one of {list(ANSWER_STYLES)}"
+        )
     rng = random.Random(seed + 1_000_003)  # independent of the corpus stream
-    return [_dialogue(rng) for _ in range(num_dialogues)]
+    return [_dialogue(rng, answers) for _ in range(num_dialogues)]
 
 
 def write_corpus(
@@ -206,12 +227,14 @@ def write_corpus(
     return paths
 
 
-def write_chat(path: str | Path, num_dialogues: int = 3000, seed: int = 0) -> Path:
+def write_chat(
+    path: str | Path, num_dialogues: int = 3000, seed: int = 0, answers: str = "sentence"
+) -> Path:
     """Write the demo chat set as ``{"messages": [...]}`` jsonl."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w") as f:
-        for msgs in generate_dialogues(num_dialogues, seed):
+        for msgs in generate_dialogues(num_dialogues, seed, answers):
             f.write(json.dumps({"messages": msgs}) + "\n")
     return p
 
@@ -224,9 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--documents", type=int, default=6000)
     ap.add_argument("--dialogues", type=int, default=3000)
+    ap.add_argument("--answers", choices=ANSWER_STYLES, default="sentence")
     args = ap.parse_args(argv)
     write_corpus(Path(args.out) / "corpus", args.documents, args.seed)
-    write_chat(Path(args.out) / "chat.jsonl", args.dialogues, args.seed)
+    write_chat(Path(args.out) / "chat.jsonl", args.dialogues, args.seed, args.answers)
 
 
 if __name__ == "__main__":

@@ -150,26 +150,7 @@ def build_records(
             "every row was dropped or empty"
         )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_temp_files(out)
-    (out / "manifest.json").unlink(
-        missing_ok=True
-    )  # the folder is valid only once the manifest is back
-    offsets = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
-    arrays = {
-        "tokens": np.concatenate(tokens),
-        "offsets": offsets,
-        "prompt_len": np.asarray(plens, dtype=np.int64),
-    }
-    files = {}
-    for name, arr in arrays.items():
-        write_array_atomic(out / f"{name}.bin", arr)
-        files[name] = {
-            "file": f"{name}.bin",
-            "dtype": arr.dtype.name,
-            "num_items": len(arr),
-            "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
-        }
+    files, offsets = write_record_files(out, tokens, plens)
     manifest = {
         "format": FORMAT,
         "version": 1,
@@ -265,3 +246,30 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_record_files(
+    out: Path, records: list[np.ndarray], plens: list[int]
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Write ``tokens``/``offsets``/``prompt_len`` .bin files into ``out`` (atomic, hashed) after
+    removing its manifest (the folder is valid only once a manifest is back); returns the
+    manifest's ``files`` entry and the offsets. Shared by SFT records and preference pairs."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out)
+    (out / "manifest.json").unlink(missing_ok=True)
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in records], dtype=np.int64)])
+    arrays = {
+        "tokens": np.concatenate(records),
+        "offsets": offsets,
+        "prompt_len": np.asarray(plens, dtype=np.int64),
+    }
+    files = {}
+    for name, arr in arrays.items():
+        write_array_atomic(out / f"{name}.bin", arr)
+        files[name] = {
+            "file": f"{name}.bin",
+            "dtype": arr.dtype.name,
+            "num_items": len(arr),
+            "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
+        }
+    return files, offsets

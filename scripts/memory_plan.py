@@ -15,6 +15,13 @@ Loss path: the old full-logits path holds bf16 logits + fp32 copy, log-softmax a
 every position (14 bytes x B L V); the masked-row chunked path holds one chunk of rows'
 fp32 logits, softmax and grad (12 bytes x chunk x V). Measure before trusting: the real
 figures come from benchmarks/gpu_bench.py.
+
+Mixture-of-experts rows (``--moe``, LLaDA2.0-mini and LLaDA-MoE-7B-A1B): model states by
+the total parameters, activations by the active ones (each token's top-k experts plus the
+shared one, and its k sorted copies), and the communication per micro-step of ZeRO-3 (every
+parameter all-gathered in forward and again in backward, gradients reduce-scattered: 6 bytes
+per parameter) against expert parallelism (experts stay put; ZeRO on the rest, plus two
+all-to-alls of k x d bf16 per token per MoE layer, forward and backward).
 """
 
 from __future__ import annotations
@@ -42,8 +49,9 @@ class Shape:
     layers: int
     heads: int
     kv_heads: int
-    mlp: int
+    mlp: int  # the MLP width whose activations a block saves (MoE: active width, see moe_shape)
     vocab: int
+    total_params: int = 0  # set for MoE shapes (the dense count is computed from the fields)
 
     @classmethod
     def from_yaml(cls, path: Path) -> Shape:
@@ -54,6 +62,8 @@ class Shape:
     @property
     def params(self) -> int:
         """All parameters: the MFU count's non-embedding ones plus the embedding table."""
+        if self.total_params:
+            return self.total_params
         cfg = ModelConfig(d_model=self.d, n_layers=self.layers, n_heads=self.heads,
                           n_kv_heads=self.kv_heads, mlp_hidden_size=self.mlp,
                           vocab_size=self.vocab, mask_token_id=0, eos_token_id=0,
@@ -97,6 +107,75 @@ def largest_micro_batch(s: Shape, stage: int, gpus: int, seq: int, ckpt: str, co
     return str(max(fits)) if fits else "-"
 
 
+# config.json values: LLaDA2.0-mini from dFactory's configs/model_configs/llada2_mini/config.json;
+# LLaDA-MoE-7B-A1B from a secondary copy of its Hub config (check against the Hub's config.json)
+MOE_MODELS: dict[str, dict] = {
+    "LLaDA2.0-mini": dict(
+        d_model=2048, n_layers=20, n_heads=16, n_kv_heads=4, mlp_hidden_size=5120,
+        vocab_size=157184, qk_norm=True, partial_rotary_factor=0.5, num_experts=256,
+        num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+        first_k_dense_replace=1, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+    ),
+    "LLaDA-MoE-7B-A1B": dict(
+        d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, mlp_hidden_size=8192,
+        vocab_size=157184, qk_norm=True, num_experts=64, num_experts_per_tok=8,
+        moe_intermediate_size=1024, router="lladamoe",
+    ),
+}  # fmt: skip
+
+
+def moe_config(name: str) -> ModelConfig:
+    """The ModelConfig of a ``MOE_MODELS`` entry (token ids do not matter here)."""
+    ids = dict(mask_token_id=0, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+    return ModelConfig(**MOE_MODELS[name], **ids)
+
+
+def moe_shape(name: str) -> Shape:
+    """A Shape whose params are the total (all experts) and whose ``mlp`` is the mean over
+    layers of the width a token's activations span: the dense MLP, or k experts + the shared
+    one + the k sorted copies of the token (d each)."""
+    cfg = moe_config(name)
+    widths = [cfg.ffn_width(i) + (cfg.num_experts_per_tok * (cfg.moe_intermediate_size + cfg.d_model)
+                                  if cfg.is_moe_layer(i) else 0) for i in range(cfg.n_layers)]
+    biases = cfg.num_experts * sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    total = non_embedding_parameters(cfg) + cfg.d_model * cfg.vocab_size + biases
+    return Shape(name, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
+                 round(sum(widths) / len(widths)), cfg.vocab_size, total_params=total)
+
+
+def comm_gb_per_micro_step(name: str, gpus: int, tokens_per_gpu: int) -> tuple[float, float]:
+    """GB each GPU sends+receives per micro-step: ZeRO-3 without expert parallelism, and
+    expert parallelism over ``gpus`` (ZeRO-3 on the non-expert parameters only)."""
+    cfg = moe_config(name)
+    share = (gpus - 1) / gpus  # a ring all-gather / reduce-scatter moves this of the whole
+    total = moe_shape(name).params
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    experts = moe_layers * cfg.num_experts * 3 * cfg.d_model * cfg.moe_intermediate_size
+    zero3 = 6 * total * share  # all-gather fwd + all-gather bwd + reduce-scatter grads, bf16
+    a2a = 2 * 2 * moe_layers * tokens_per_gpu * cfg.num_experts_per_tok * cfg.d_model * 2 * share
+    return zero3 / GB, (6 * (total - experts) * share + a2a) / GB
+
+
+def print_moe(gpus: int, seq: int, chunk_rows: int) -> None:
+    """The mixture-of-experts table: parameters, per-GPU memory by ZeRO stage, communication."""
+    print(f"\nMixture of experts (seq {seq}, {gpus} GPUs, compiled blocks + chunked loss, "
+          "micro-batch 4 where GB is shown):\n")
+    print("| model | total / active params | ZeRO | ckpt | GB at mb 4 | H100 80 GB mb | "
+          "H200 141 GB mb | comm GB/micro-step: ZeRO-3 / expert-parallel |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in MOE_MODELS:
+        s, cfg = moe_shape(name), moe_config(name)
+        active = non_embedding_parameters(cfg, active=True) + cfg.d_model * cfg.vocab_size
+        zero3, ep = comm_gb_per_micro_step(name, gpus, 4 * seq)
+        for stage in (2, 3):
+            for ckpt in ("none", "full"):
+                gb = plan(s, stage, gpus, seq, 4, ckpt, True, chunk_rows)
+                fit = [largest_micro_batch(s, stage, gpus, seq, ckpt, True, chunk_rows, c) for c in (80, 141)]
+                comm = f"{zero3:.0f} / {ep:.0f}" if stage == 3 else "-"
+                print(f"| {name} | {s.params / 1e9:.2f}B / {active / 1e9:.2f}B | {stage} | {ckpt} | "
+                      f"{gb:.0f} | {fit[0]} | {fit[1]} | {comm} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, action="append",
@@ -104,6 +183,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--chunk-rows", type=int, default=1024, help="the loss path's chunk of rows")
+    ap.add_argument("--moe", action="store_true", help="also the mixture-of-experts table")
     args = ap.parse_args()
     models = args.model or [REPO / "conf/model/llada_1b.yaml", REPO / "conf/model/llada_8b.yaml"]
     print(f"Seq {args.seq}, {args.gpus} GPUs, bf16. 'old' = eager blocks + full-logits loss; 'new' ="
@@ -127,6 +207,8 @@ def main() -> None:
                                                             compiled, chunk, cap))
                     cells.append(" / ".join(pair))
                 print(f"| {s.name} ({s.params / 1e9:.2f}B) | {stage} | {ckpt} | " + " | ".join(cells) + " |")
+    if args.moe:
+        print_moe(args.gpus, args.seq, args.chunk_rows)
 
 
 if __name__ == "__main__":

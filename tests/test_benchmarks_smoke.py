@@ -41,3 +41,14 @@ def test_gpu_bench_smoke_writes_every_row(tmp_path):
     block, full = rows["1b block32 dense-mask eager"], rows["1b new eager"]
     assert block["block"] == 8 and full["flops_per_token"] < block["flops_per_token"] < 2 * full["flops_per_token"]
     assert block["loss_step1"] > 0
+
+
+def test_moe_bench_smoke_prints_every_row():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "moe_bench.py"), "--smoke"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    assert rows[0].startswith("| dense |") and rows[0].endswith("| 1.00x |")
+    assert any(r.startswith("| moe loop |") for r in rows)

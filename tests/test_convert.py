@@ -1,5 +1,6 @@
 """llada-convert: tiny random Llama/Qwen2 models built with transformers, converted and checked
-against transformers' own forward (offline: nothing is downloaded)."""
+against transformers' own forward (offline: nothing is downloaded). The per-family parity cases
+(Llama, Llama 3.x rope scaling, Qwen2, Qwen3, Mistral) are in test_convert_families.py."""
 
 from __future__ import annotations
 
@@ -13,13 +14,22 @@ transformers = pytest.importorskip("transformers")
 
 from llada_train.cli.convert import convert, main  # noqa: E402
 from llada_train.diffusion import ObjectiveConfig, PretrainObjective  # noqa: E402
-from llada_train.model import LLaDAModel, load_pretrained, read_config  # noqa: E402
+from llada_train.model import LLaDAModel, load_pretrained  # noqa: E402
 from llada_train.model.adapters import LlamaAdapter, Qwen2Adapter  # noqa: E402
 
 V = 64
-SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=48, vocab_size=V, max_position_embeddings=64, rms_norm_eps=1e-6,
-             bos_token_id=0, eos_token_id=1)
+SHAPE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    vocab_size=V,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    bos_token_id=0,
+    eos_token_id=1,
+)
 
 
 def hf_model(family: str, tied: bool, **kw):
@@ -54,23 +64,6 @@ def ours_causal(folder) -> LLaDAModel:
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
-
-
-@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("qwen2", False),
-                                         ("qwen2", True)])
-def test_converted_model_reproduces_hf_logits(tmp_path, family, tied):
-    ref_model, src = save_hf(tmp_path, family, tied)
-    result = convert(src, tmp_path / "out")
-    cfg = read_config(result.out)
-    assert cfg.causal is False  # diffusion training by default
-    assert cfg.include_qkv_bias is (family == "qwen2") and result.tied is tied
-    assert cfg.n_kv_heads == 2 and cfg.rope_theta == (5000.0 if family == "llama" else 20000.0)
-    assert cfg.vocab_size == V + 1 and cfg.mask_token_id == V  # no tokenizer: a new last row
-    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = ref_model(ids).logits
-        ours = ours_causal(result.out)(ids)[..., :V]
-    assert rel_err(ours, ref) < 1e-5
 
 
 def test_sharded_checkpoint_and_cli(tmp_path, capsys):
@@ -145,8 +138,13 @@ def test_diffusion_training_from_converted_init_lowers_loss(tmp_path):
 
     def eval_loss() -> float:
         with torch.no_grad():
-            return sum(obj(model, batch, torch.Generator().manual_seed(s)).loss.item()
-                       for s in range(8)) / 8
+            return (
+                sum(
+                    obj(model, batch, torch.Generator().manual_seed(s)).loss.item()
+                    for s in range(8)
+                )
+                / 8
+            )
 
     before = eval_loss()
     for step in range(30):
@@ -179,8 +177,8 @@ def test_unsupported_inputs_are_refused_with_one_line(tmp_path, capsys):
 
     write(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     refused(tmp_path, capsys, src, "model_type='gpt2'")
-    write(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
-    refused(tmp_path, capsys, src, "rope type 'llama3' is not implemented")
+    write(rope_parameters={"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0})
+    refused(tmp_path, capsys, src, "rope type 'longrope' is not implemented")
     write(intermediate_size=40)
     refused(tmp_path, capsys, src, "has shape (48, 32) but config.json implies (40, 32)")
     write(attention_bias=True)
@@ -199,7 +197,9 @@ def test_qkv_bias_flag_adds_only_qkv_biases_initialised_to_zero(tmp_path):
     model = LLaDAModel(biased)
     model.init_weights(torch.Generator().manual_seed(0))
     biases = {k: v for k, v in model.state_dict().items() if k.endswith(".bias")}
-    assert len(biases) == 6 and all(k.split(".")[-2] in ("q_proj", "k_proj", "v_proj") for k in biases)
+    assert len(biases) == 6 and all(
+        k.split(".")[-2] in ("q_proj", "k_proj", "v_proj") for k in biases
+    )
     assert all(not v.any() for v in biases.values())
     out = save_pretrained(model.state_dict(), biased, tmp_path / "b")
     assert json.loads((out / "config.json").read_text())["include_qkv_bias"] is True

@@ -104,3 +104,40 @@ def test_demo_report_buckets_fresh_dialogues_by_kind_and_avoids_the_sft_set():
     # the few animal and colour questions all occur in the SFT set; the rest are held out
     assert trained == {"animal sounds", "animal legs", "colours"}
     assert not any(json.dumps(d) in seen for k in KINDS if k not in trained for d in buckets[k])
+
+
+def test_short_answers_ask_the_same_questions_and_answer_only_the_asked_part():
+    import pytest
+
+    from llada_train.errors import LladaError
+
+    sentence = generate_dialogues(400, seed=2)
+    short = generate_dialogues(400, seed=2, answers="short")
+    assert len(short) == len(sentence)
+    for d_long, d_short in zip(sentence, short, strict=True):
+        assert [m["content"] for m in d_long[::2]] == [m["content"] for m in d_short[::2]]
+        for long_a, short_a in zip(d_long[1::2], d_short[1::2], strict=True):
+            words, sentence_words = short_a["content"].split(), long_a["content"].split()
+            # "it says quack ." for "a duck says quack .": "it", a verb, the asked-for part
+            assert words[0] == "it" and words[-1] == "." and len(words) <= len(sentence_words)
+            assert set(words[2:]) <= set(sentence_words)
+            m = re.fullmatch(r"\d+ (?:plus|minus) \d+ is (\d+) \.", long_a["content"])
+            if m:
+                assert short_a["content"] == f"it is {m[1]} ."
+    with pytest.raises(LladaError, match="answer style"):
+        generate_dialogues(3, answers="terse")
+
+
+def test_demo_report_scores_short_answers_on_the_same_questions(tmp_path):
+    from llada_train.cli.demo_report import answer_style, held_out_dialogues
+
+    sentence, _ = held_out_dialogues(4, set())
+    short, _ = held_out_dialogues(4, set(), answers="short")
+    for kind, dialogues in sentence.items():
+        assert [d[-2]["content"] for d in dialogues] == [d[-2]["content"] for d in short[kind]]
+        assert all(d[-1]["content"].startswith("it ") for d in short[kind])
+    # the report reads the style the data folder was built with
+    chat = tmp_path / "chat.jsonl"
+    assert answer_style(chat) == "sentence"  # no demo.json: the old folders' style
+    (tmp_path / "demo.json").write_text(json.dumps({"settings": {"answers": "short"}}))
+    assert answer_style(chat) == "short"

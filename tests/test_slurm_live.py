@@ -19,6 +19,7 @@ LLADA_REQUIRE_SLURM=1 after installing them, so there these tests fail rather th
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -27,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import REPO
@@ -39,8 +41,8 @@ _spec.loader.exec_module(local_slurm)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm_live")]
 
-STEPS = 300  # SLURM sends the warning up to ~30 s after it is due: training must still run then
-SFT_STEPS = 300
+STEPS = 150  # the ranks are paused while the warning is on its way (preempt_by_time_limit)
+SFT_STEPS = 150
 PRETRAIN = [
     "trainer.seq_len=16",
     "trainer.global_batch_size=2",
@@ -162,7 +164,11 @@ class Slurm:
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
-    return path.read_text()[-chars:] if path.exists() else "(no output yet)"
+    text = path.read_text()[-chars:] if path.exists() else "(no output yet)"
+    logs = sorted(Path("/tmp").glob(f"llada-slurm-{os.getpid()}/log/*.log"))
+    for log in logs:  # the scheduler's side of the story
+        text += f"\n--- {log.name} (tail) ---\n" + "\n".join(log.read_text().splitlines()[-25:])
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -193,15 +199,63 @@ def run_info_jobs(run_dir: Path) -> list[str | None]:
     ]
 
 
-def preempt_by_time_limit(slurm: Slurm, jid: str, run_dir: Path, out: Path) -> None:
-    """Once training runs, shorten the time limit so the job is inside its --signal window
-    (the warning comes from SLURM's time-limit check, not from the test); when the job has
-    requeued itself, restore a long limit and release the begin-time hold."""
-    slurm.wait_steps(jid, run_dir, out, 2)
-    elapsed_min = (
-        int(slurm.job(jid)["RunTime"].split(":")[-2]) if ":" in slurm.job(jid)["RunTime"] else 0
-    )
+def training_ranks(run_dir: Path) -> list[psutil.Process]:
+    """The job's rank processes (and their data workers): ``python -m llada_train.cli.<task>``
+    with this run_dir, not the torchrun wrapper, srun or the batch shell."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if (f"run_dir={run_dir}" in cmd and "llada_train.cli.torchrun" not in cmd
+                and any(c.startswith("llada_train.cli.") for c in cmd)):  # fmt: skip
+            found.append(proc)
+    return found
+
+
+@contextlib.contextmanager
+def paused(ranks: list[psutil.Process]):
+    """SIGSTOP the ranks for the block (to the job, one very slow step), then SIGCONT."""
+    assert len(ranks) >= 2, [r.cmdline() for r in ranks]
+    for rank in ranks:
+        rank.suspend()
+    try:
+        yield
+    finally:
+        for rank in ranks:
+            with contextlib.suppress(psutil.Error):
+                rank.resume()
+
+
+def warn_by_time_limit(slurm: Slurm, jid: str, out: Path) -> None:
+    """Shorten a running job's time limit so it is inside its --signal window, and wait until
+    its batch script has the warning: it comes from SLURM's own time-limit check, which runs
+    about every 30 s, so callers pause the ranks meanwhile (a short run would otherwise end
+    before its warning on a fast machine)."""
+    elapsed = slurm.job(jid)["RunTime"]
+    elapsed_min = int(elapsed.split(":")[-2]) if ":" in elapsed else 0
     slurm.cmd("scontrol", "update", f"JobId={jid}", f"TimeLimit={elapsed_min + 1}")
+    deadline = time.time() + 90
+    while "SIGUSR1 received by the batch script" not in out.read_text():
+        assert time.time() < deadline, (
+            f"no warning 90 s after the time limit was cut:\n{_tail(out)}"
+        )
+        time.sleep(0.2)
+
+
+def job_processes(jid: str, run_dir: Path) -> list[psutil.Process]:
+    """What is left on the node of a job's last start: its slurmstepd and anything with its
+    run_dir on the command line (batch script, srun, launcher, ranks)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if f"run_dir={run_dir}" in cmd or cmd.startswith(f"slurmstepd: [{jid}."):
+            found.append(proc)
+    return found
+
+
+def release_requeued(slurm: Slurm, jid: str, run_dir: Path, out: Path) -> None:
+    """Once the job has requeued itself and its last start has left the node (a start while
+    that one's slurmstepd is still finishing fails: "could not launch batch job"): a long
+    limit again, and no begin-time wait."""
     info = slurm.wait_state(jid, {"PENDING", "COMPLETED", "FAILED"}, out)
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", f"{info}\n{_tail(out)}"
     deadline = time.time() + 20
@@ -209,7 +263,20 @@ def preempt_by_time_limit(slurm: Slurm, jid: str, run_dir: Path, out: Path) -> N
         assert time.time() < deadline, info
         time.sleep(0.2)
         info = slurm.job(jid)
+    deadline = time.time() + 60
+    while left := job_processes(jid, run_dir):
+        assert time.time() < deadline, [p.info["cmdline"] for p in left]
+        time.sleep(0.2)
     slurm.cmd("scontrol", "update", f"JobId={jid}", "TimeLimit=10", "StartTime=now")
+
+
+def preempt_by_time_limit(slurm: Slurm, jid: str, run_dir: Path, out: Path) -> None:
+    """The time-limit warning once training runs (ranks paused until it arrives), then the
+    requeued job released."""
+    slurm.wait_steps(jid, run_dir, out, 2)
+    with paused(training_ranks(run_dir)):
+        warn_by_time_limit(slurm, jid, out)
+    release_requeued(slurm, jid, run_dir, out)
 
 
 # ---- the uninterrupted reference, a twin refused on its run_dir, time-limit pre-emption -----
@@ -232,11 +299,16 @@ def pretrain_jobs(slurm, demo_data, tmp_path_factory):
         name="preempted",
     )
     slurm.wait_steps(ref, ref_dir, ref_out, 2)
-    twin, twin_out = slurm.submit(
-        "pretrain.sbatch", pretrain(demo_data, ref_dir), "--time=10", name="twin"
-    )
-    preempt_by_time_limit(slurm, pre, pre_dir, pre_out)
-    twin_info = slurm.wait_state(twin, {"COMPLETED", "FAILED"}, twin_out)
+    slurm.wait_steps(pre, pre_dir, pre_out, 2)
+    # both paused: the reference stays alive (and holds its lock) while its twin runs, and the
+    # pre-empted job waits for its warning
+    with paused(training_ranks(ref_dir) + training_ranks(pre_dir)):
+        twin, twin_out = slurm.submit(
+            "pretrain.sbatch", pretrain(demo_data, ref_dir), "--time=10", name="twin"
+        )
+        twin_info = slurm.wait_state(twin, {"COMPLETED", "FAILED"}, twin_out)
+        warn_by_time_limit(slurm, pre, pre_out)
+    release_requeued(slurm, pre, pre_dir, pre_out)
     ref_info = slurm.wait_state(ref, {"COMPLETED", "FAILED"}, ref_out)
     assert ref_info["JobState"] == "COMPLETED", _tail(ref_out)
     pre_info = slurm.wait_state(pre, {"COMPLETED", "FAILED"}, pre_out)
@@ -266,7 +338,7 @@ def test_second_job_on_a_live_run_dir_stops_with_one_line(pretrain_jobs, slurm):
 def test_time_limit_preemption_requeues_and_resumes_exactly(pretrain_jobs, slurm):
     jid, info, out, run_dir = pretrain_jobs["preempted"]
     text = out.read_text()
-    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert info["JobState"] == "COMPLETED", f"{info['JobState']}:\n{_tail(out)}"
     step = preemption_step(text)
     assert 2 <= step < STEPS
     # in order (lines of different processes may swap a little in the shared output file)
@@ -314,16 +386,21 @@ def second_wave(slurm, demo_data, pretrain_jobs, tmp_path_factory):
         "logging.log_every=1",
         "logging.progress_bar=false",
     ]
-    killed_args = pretrain(demo_data, dirs["killed"], "trainer.save_every=5")
+    # runs that end by a signal: long enough never to end first
+    endless = "trainer.max_steps=100000"
+    killed_args = pretrain(demo_data, dirs["killed"], "trainer.save_every=5", endless)
     bad_args = pretrain(demo_data, dirs["bad"])
     bad_args[1] = f"data.path={root / 'no_such_shards'}"
     jobs = {
         "sft": slurm.submit("sft.sbatch", sft_args, "--time=10", "--signal=B:USR1@90", name="sft"),
         "term": slurm.submit(
-            "pretrain.sbatch", pretrain(demo_data, dirs["term"]), "--time=10", name="term"
+            "pretrain.sbatch", pretrain(demo_data, dirs["term"], endless), "--time=10", name="term"
         ),
         "scancel": slurm.submit(
-            "pretrain.sbatch", pretrain(demo_data, dirs["scancel"]), "--time=10", name="scancel"
+            "pretrain.sbatch",
+            pretrain(demo_data, dirs["scancel"], endless),
+            "--time=10",
+            name="scancel",
         ),
         "killed": slurm.submit("pretrain.sbatch", killed_args, "--time=10", name="killed"),
         "bad": slurm.submit("pretrain.sbatch", bad_args, "--time=10", name="bad"),
@@ -398,7 +475,7 @@ def test_killed_job_leaves_its_last_checkpoint_and_lock_to_the_next(second_wave,
     again, out = second_wave["jobs"]["again"]
     run_dir, (latest, lock_text) = second_wave["dirs"]["killed"], second_wave["killed"]
     saved = int(latest.removeprefix("step_"))
-    assert saved >= 10 and saved % 5 == 0
+    assert saved >= 10 and saved % 5 == 0 and saved + 5 <= STEPS
     assert f'"slurm_job_id": "{jid}"' in lock_text  # the dead holder's name was left behind
     text = out.read_text()
     assert second_wave["state"]["again"]["JobState"] == "COMPLETED", text[-4000:]

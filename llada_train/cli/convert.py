@@ -1,12 +1,13 @@
-"""``llada-convert``: a Hugging Face Llama/Qwen2 folder -> a released-layout export for diffusion.
+"""``llada-convert``: a Hugging Face Llama/Qwen2/Qwen3/Mistral folder -> a released-layout export.
 
-    llada-convert --from path/to/Qwen2.5-0.5B --out runs/qwen_mdm [--family auto|llama|qwen2]
+    llada-convert --from path/to/Qwen2.5-0.5B --out runs/qwen_mdm
+                  [--family auto|llama|qwen2|qwen3|mistral]
                   [--mask-token '<|mdm_mask|>'] [--shift-logits] [--causal]
 
 Reads config.json and the safetensors weights (single file or sharded), renames them through
-the family's state-dict adapter (``llada_train/model/adapters``), duplicates a tied embedding
-into the head, and adds a mask token when the tokenizer has none (a new embedding and head
-row set to the mean row). The export is bidirectional (``causal: false``) for diffusion
+the family's state-dict adapter (``llada_train/model/adapters``; RoPE scaling, q/k norm and an
+explicit head width go into the config), duplicates a tied embedding into the head, and adds a
+mask token when the tokenizer has none (a new embedding and head row set to the mean row). The export is bidirectional (``causal: false``) for diffusion
 training unless ``--causal`` keeps the AR model as it was. Nothing is written on any error.
 """
 
@@ -90,9 +91,7 @@ def check_shapes(ours: dict[str, torch.Tensor], cfg: ModelConfig, src: Path) -> 
             )
 
 
-def add_mask_token(
-    src: Path, stage: Path, mask_token: str, rows: int
-) -> tuple[int, bool]:
+def add_mask_token(src: Path, stage: Path, mask_token: str, rows: int) -> tuple[int, bool]:
     """(mask id, whether it is new); writes the tokenizer files, mask token added, to ``stage``.
 
     Without a tokenizer.json in ``src`` the mask id is ``rows`` (a new last row).
@@ -153,7 +152,7 @@ def convert(
     causal: bool = False,
     shift_logits: bool = False,
 ) -> ConvertResult:
-    """Convert a Hugging Face Llama/Qwen2 folder into a released-layout export at ``out``."""
+    """Convert a Hugging Face Llama/Qwen2/Qwen3/Mistral folder into a released-layout export."""
     src, out = Path(src), Path(out)
     hf, tensors = read_hf(src)
     adapter = adapter_for(hf, family, str(src / "config.json"))
@@ -183,25 +182,48 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--from", dest="src", type=Path, required=True,
-                        help="Hugging Face folder: config.json + safetensors (+ tokenizer.json)")
+    parser.add_argument(
+        "--from",
+        dest="src",
+        type=Path,
+        required=True,
+        help="Hugging Face folder: config.json + safetensors (+ tokenizer.json)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="export folder (released layout)")
-    parser.add_argument("--family", default="auto", help="auto (from model_type), llama or qwen2")
-    parser.add_argument("--mask-token", default=MASK_TOKEN,
-                        help=f"mask token text, added when the tokenizer lacks it ({MASK_TOKEN})")
-    parser.add_argument("--shift-logits", action="store_true",
-                        help="position i predicts token i+1: reuse the AR head (Dream-7B)")
-    parser.add_argument("--causal", action="store_true",
-                        help="keep causal attention (AR twin / parity checks), not diffusion")
+    parser.add_argument(
+        "--family", default="auto", help="auto (from model_type), llama, qwen2, qwen3 or mistral"
+    )
+    parser.add_argument(
+        "--mask-token",
+        default=MASK_TOKEN,
+        help=f"mask token text, added when the tokenizer lacks it ({MASK_TOKEN})",
+    )
+    parser.add_argument(
+        "--shift-logits",
+        action="store_true",
+        help="position i predicts token i+1: reuse the AR head (Dream-7B)",
+    )
+    parser.add_argument(
+        "--causal",
+        action="store_true",
+        help="keep causal attention (AR twin / parity checks), not diffusion",
+    )
     args = parser.parse_args(argv)
     if args.out.resolve() == args.src.resolve():
         raise LladaError(f"--out {args.out} is the source folder; choose a new folder")
     r = convert(args.src, args.out, args.family, args.mask_token, args.causal, args.shift_logits)
     c = r.config
     how = "added" if r.mask_added else "found in the tokenizer"
+    features = [f"head_dim {c.head_dim}"] if c.head_dim_override else []
+    features += ["q/k norm"] if c.qk_norm else []
+    if c.rope_scaling_params:
+        features.append(
+            f"rope {c.rope_scaling_params['rope_type']} x{c.rope_scaling_params['factor']}"
+        )
+    features += ["tied head copied"] if r.tied else []
     print(
         f"converted {r.family} ({c.n_layers} layers, d {c.d_model}, {c.n_heads}/{c.n_kv_heads} "
-        f"heads, vocab {c.vocab_size}{', tied head copied' if r.tied else ''}) to {r.out}; "
+        f"heads, vocab {c.vocab_size}{''.join(', ' + f for f in features)}) to {r.out}; "
         f"mask token id {c.mask_token_id} ({how}, +{r.grown_rows} rows), causal={c.causal}, "
         f"shift_logits={c.shift_logits}"
     )

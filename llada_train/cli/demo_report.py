@@ -5,7 +5,8 @@
 
 With ``--sft-dir`` it also prints chat completions of the SFT model next to the base model's,
 and both models' accuracy on held-out dialogues of each kind (drawn with another seed; any
-dialogue that also occurs in ``--chat``, the SFT training set, is left out).
+dialogue that also occurs in ``--chat``, the SFT training set, is left out). The reference
+answers take the chat set's answer style (``--answers``, else ``demo.json`` beside ``--chat``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.demo_corpus import generate_dialogues
+from data_pipelines.demo_corpus import ANSWER_STYLES, generate_dialogues
 from llada_train.chat import ChatEncoder
 from llada_train.cli.plot import read_metrics
 from llada_train.errors import exit_on_error
@@ -26,16 +27,21 @@ from llada_train.model import load_pretrained
 from llada_train.sample import generate
 from llada_train.tokenizer import load_tokenizer
 
-CHATS = [
-    [{"role": "user", "content": "what is 3 plus 4 ?"}],
-    [{"role": "user", "content": "what does a duck say ?"}],
-    [{"role": "user", "content": "what colour is the sky ?"}],
-    [
-        {"role": "user", "content": "what is 6 plus 2 ?"},
-        {"role": "assistant", "content": "6 plus 2 is 8 ."},
-        {"role": "user", "content": "and what is 8 minus 5 ?"},
-    ],
-]
+
+def sample_chats(answers: str = "sentence") -> list[list[dict[str, str]]]:
+    """The chats shown base vs SFT; the earlier assistant turn is in the SFT data's style."""
+    earlier = "6 plus 2 is 8 ." if answers == "sentence" else "8 ."
+    return [
+        [{"role": "user", "content": "what is 3 plus 4 ?"}],
+        [{"role": "user", "content": "what does a duck say ?"}],
+        [{"role": "user", "content": "what colour is the sky ?"}],
+        [
+            {"role": "user", "content": "what is 6 plus 2 ?"},
+            {"role": "assistant", "content": earlier},
+            {"role": "user", "content": "and what is 8 minus 5 ?"},
+        ],
+    ]
+
 
 PROMPTS = [
     "tom has 3 apples . mia gives him 4 more . now tom has",
@@ -67,10 +73,11 @@ def dialogue_kind(messages: list[dict[str, str]]) -> str:
 
 
 def held_out_dialogues(
-    per_kind: int, seen: set[str]
+    per_kind: int, seen: set[str], answers: str = "sentence"
 ) -> tuple[dict[str, list[list[dict[str, str]]]], set[str]]:
     """``per_kind`` fresh dialogues of each kind, none of them in ``seen`` (json of training
     messages) where the kind has enough unseen ones, and the kinds where it has not.
+    ``answers`` is the SFT data's answer style (``demo_corpus.ANSWER_STYLES``).
 
     Animal and colour questions are few (10 animals, 12 things) and all occur in the SFT set,
     so those kinds test recall of trained facts; arithmetic, stories and multi-turn dialogues
@@ -78,7 +85,7 @@ def held_out_dialogues(
     """
     unseen: dict[str, list[list[dict[str, str]]]] = defaultdict(list)
     fresh: dict[str, list[list[dict[str, str]]]] = defaultdict(list)
-    for messages in generate_dialogues(50 * per_kind * len(KINDS), HELD_OUT_SEED):
+    for messages in generate_dialogues(50 * per_kind * len(KINDS), HELD_OUT_SEED, answers):
         kind = dialogue_kind(messages)
         bucket = fresh[kind] if json.dumps(messages) in seen else unseen[kind]
         if len(bucket) < per_kind:
@@ -149,7 +156,10 @@ def main() -> None:
     parser.add_argument("--chat", type=Path, default=None,
                         help="the SFT training dialogues (jsonl); held-out questions avoid them")
     parser.add_argument("--per-kind", type=int, default=10, help="held-out dialogues per kind")
+    parser.add_argument("--answers", choices=ANSWER_STYLES, default=None,
+                        help="the SFT data's answer style (default: from demo.json beside --chat)")
     args = parser.parse_args()
+    answers = args.answers or answer_style(args.chat)
     base = args.run_dir / "export"
     print_losses("pre-training", args.run_dir)
     tok = load_tokenizer(base)
@@ -161,21 +171,22 @@ def main() -> None:
         return
     print_losses("SFT", args.sft_dir)
     chat = ChatEncoder(tok)
-    chat_ids = [chat.encode_prompt(messages) for messages in CHATS]
+    chats = sample_chats(answers)
+    chat_ids = [chat.encode_prompt(messages) for messages in chats]
     base_out = complete(base, chat_ids, gen_length=24)
     sft_out = complete(args.sft_dir / "export", chat_ids, gen_length=24)
     print("\nchat completions, base model vs SFT model:")
-    for messages, b, s in zip(CHATS, base_out, sft_out, strict=True):
+    for messages, b, s in zip(chats, base_out, sft_out, strict=True):
         print(f"  user: {messages[-1]['content']}" + (f"  (after {len(messages) // 2} earlier turn)" if len(messages) > 1 else ""))
         print(f"    base: {b}")
         print(f"    sft : {s}")
     seen = set()
     if args.chat is not None:
         seen = {json.dumps(json.loads(line)["messages"]) for line in args.chat.read_text().splitlines()}
-    buckets, trained = held_out_dialogues(args.per_kind, seen)
+    buckets, trained = held_out_dialogues(args.per_kind, seen, answers)
     base_acc = accuracy_by_kind(base, buckets, chat)
     sft_acc = accuracy_by_kind(args.sft_dir / "export", buckets, chat)
-    print(f"\naccuracy on fresh dialogues (exact answer; {args.per_kind} per kind):")
+    print(f"\naccuracy on fresh dialogues (exact answer, {answers} answers; {args.per_kind} per kind):")
     print(f"  {'kind':<14} {'base':>7} {'sft':>7}")
     for kind in sft_acc:
         (rb, n), (rs, _) = base_acc[kind], sft_acc[kind]
@@ -184,6 +195,14 @@ def main() -> None:
     total = sum(n for _, n in sft_acc.values())
     print(f"  {'all':<14} {sum(r for r, _ in base_acc.values()):>3}/{total:<3} "
           f"{sum(r for r, _ in sft_acc.values()):>3}/{total:<3}")
+
+
+def answer_style(chat: Path | None) -> str:
+    """The answer style recorded in ``demo.json`` beside the chat set ("sentence" if none)."""
+    marker = None if chat is None else chat.parent / "demo.json"
+    if marker is None or not marker.is_file():
+        return "sentence"
+    return json.loads(marker.read_text())["settings"].get("answers", "sentence")
 
 
 def print_losses(stage: str, run_dir: Path) -> None:

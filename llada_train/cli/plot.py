@@ -42,7 +42,9 @@ def plot_curves(rows: list[dict], out: Path, seq_len: int | None = None) -> Path
     run had a block-size curriculum (its transitions are where the loss may jump; a block
     size of 0, the whole sequence, is drawn at ``seq_len`` when known).
 
-    Validation rows (``val_loss``) are drawn on the loss panel with +-2 standard errors.
+    Validation rows (``val_loss``) are drawn on the loss panel with +-2 standard errors. A
+    mixture-of-experts run (``moe/L{i}/...`` metrics) adds two panels: each layer's expert
+    load max/mean (1 = balanced) and its largest |expert bias|.
     """
     try:
         import matplotlib
@@ -53,7 +55,10 @@ def plot_curves(rows: list[dict], out: Path, seq_len: int | None = None) -> Path
         raise LladaError("llada-plot needs matplotlib: pip install 'llada-train[plot]'") from exc
     steps = [r["step"] for r in rows]
     blocks = [r for r in rows if "block_size" in r]
-    fig, axes = plt.subplots(3 if blocks else 2, 1, figsize=(8, 8 if blocks else 6), sharex=True)
+    moe = sorted({k for r in rows for k in r if k.startswith("moe/")})
+    panels = 2 + bool(blocks) + (2 if moe else 0)
+    height = {2: 6, 3: 8}.get(panels, 2.5 * panels)
+    fig, axes = plt.subplots(panels, 1, figsize=(8, height), sharex=True)
     ax_loss, ax_lr = axes[0], axes[1]
     ax_loss.plot(steps, [r["loss"] for r in rows], label="train loss")
     val = [r for r in rows if "val_loss" in r]
@@ -67,6 +72,8 @@ def plot_curves(rows: list[dict], out: Path, seq_len: int | None = None) -> Path
     ax_lr.plot(steps, [r["lr"] for r in rows], color="tab:orange")
     ax_lr.set_ylabel("learning rate")
     ax_lr.grid(alpha=0.3)
+    if moe:
+        _plot_moe(moe, rows, axes[-2], axes[-1])
     if blocks:
         ax_b = axes[2]
         sizes = [r["block_size"] or seq_len or 0 for r in blocks]
@@ -83,6 +90,19 @@ def plot_curves(rows: list[dict], out: Path, seq_len: int | None = None) -> Path
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def _plot_moe(keys: list[str], rows: list[dict], ax_load, ax_bias) -> None:  # noqa: ANN001
+    """One line per MoE layer: load max/mean on ``ax_load``, |expert bias| max on ``ax_bias``."""
+    for key in keys:
+        ax = ax_load if key.endswith("load_max_mean") else ax_bias
+        have = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in have], [r[key] for r in have], label=key.split("/")[1])
+    ax_load.set_ylabel("expert load max/mean")
+    ax_bias.set_ylabel("max |expert bias|")
+    for ax in (ax_load, ax_bias):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncol=4)
 
 
 @exit_on_error

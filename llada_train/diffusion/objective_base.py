@@ -42,6 +42,13 @@ class ObjectiveConfig:
     # first mask_embed_noise_steps steps (an AR model's unused MASK embedding has decayed)
     mask_embed_noise_std: float = 0.0
     mask_embed_noise_steps: int = 0
+    # ---- objective=vrpo (LLaDA 1.5 DPO on ELBO estimates; diffusion/vrpo.py) ----------------
+    beta: float = 0.1  # DPO's weight on the log-ratio margins
+    elbo_timesteps: int = 8  # n_t: timesteps per ELBO estimate ...
+    elbo_masks_per_timestep: int = 1  # ... n_yt masks each (budget n = n_t * n_yt; VRPO: n, 1)
+    shared_reference_noise: bool = True  # policy and reference see the same (t, mask) draws
+    reference: str = "frozen_copy"  # frozen_copy (of reference_path) | lora_base (adapters off)
+    reference_path: str | None = None  # frozen_copy's weights (conf/objective/vrpo.yaml: init_from)
 
     def __post_init__(self) -> None:
         if self.loss_chunk_rows < 0:
@@ -68,6 +75,10 @@ class LossOutput:
     loss: torch.Tensor
     num_tokens: int  # tokens the model saw (B * L after any cut), known on the host
     num_masked: torch.Tensor  # 0-dim int64 on the batch's device: read it only when logging
+    # an objective's own per-step metrics (e.g. ``vrpo/reward_accuracy``): 0-dim tensors on the
+    # batch's device, this micro-batch's values. The loop logs each one's mean over the step's
+    # micro-batches and ranks, so every micro-batch on every rank must report the same keys.
+    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def full_sequence_run(cfg: ObjectiveConfig, model_cfg: ModelConfig, curriculum: list[int]) -> ModelConfig:

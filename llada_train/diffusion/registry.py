@@ -25,6 +25,7 @@ OBJECTIVES: dict[str, str] = {
     "sft": "llada_train.diffusion.losses:SFTObjective",  # SPEC §3
     "ar": "llada_train.diffusion.ar:ARObjective",  # the causal twin's next-token CE
     "block": "llada_train.diffusion.block:BlockObjective",  # SPEC §8, BD3-LM / LLaDA 2.0
+    "vrpo": "llada_train.diffusion.vrpo:VRPOObjective",  # LLaDA 1.5 preference optimisation
 }
 
 

@@ -52,6 +52,9 @@ class LLaDAConfig(PretrainedConfig):
         causal: bool = False,  # llada-train's autoregressive twin
         shift_logits: bool = False,  # row i holds the prediction made at i-1 (AR adaptation)
         block_size: int = 0,  # > 0: a block-diffusion model; attention is block-causal
+        head_dim: int | None = None,  # per-head width; None = d_model / n_heads
+        qk_norm: bool = False,  # RMSNorm over each head's q and k before RoPE (Qwen3)
+        rope_scaling_params: dict[str, Any] | None = None,  # linear/llama3/yarn; None = plain
         weight_tying: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -78,6 +81,9 @@ class LLaDAConfig(PretrainedConfig):
         self.causal = causal
         self.shift_logits = shift_logits
         self.block_size = int(block_size or 0)
+        self.qk_norm = bool(qk_norm)
+        # not "rope_scaling": transformers 5 turns that name into its own rope_parameters
+        self.rope_scaling_params = rope_scaling_params
         self.weight_tying = weight_tying
         # transformers 4.x's base pops the token ids it knows; 5.x's keeps unknown kwargs as-is
         kwargs.setdefault("tie_word_embeddings", False)
@@ -93,13 +99,10 @@ class LLaDAConfig(PretrainedConfig):
             bos_token_id,
             eos_token_id,
         )
-        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+        if (self.d_model % self.n_heads and not head_dim) or self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"LLaDAConfig: d_model={d_model}, n_heads={n_heads}, n_kv_heads={self.n_kv_heads} "
                 "must divide evenly"
             )
-
-    @property
-    def head_dim(self) -> int:
-        """Per-head width d_model / n_heads."""
-        return self.d_model // self.n_heads
+        # an attribute, not a property, so that saving writes it (Qwen3 widths differ)
+        self.head_dim = int(head_dim) if head_dim else self.d_model // self.n_heads

@@ -106,6 +106,13 @@ def resolve_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
                 f"peft.target_modules entry {entry!r} also matches {others[0]} "
                 f"({type(modules[others[0]]).__name__}, not a Linear): make it match Linear layers only"
             )
+        if not hits and (experts := _stacked_expert_match(model, entry)):
+            raise LladaError(
+                f"peft.target_modules entry {entry!r} names the routed experts ({experts}): they are "
+                "stacked (E, out, in) tensors that LoRA's Linear adapters cannot wrap; target "
+                "attention and the shared expert (q_proj, k_proj, v_proj, attn_out, ff_proj, "
+                "up_proj, ff_out) instead"
+            )
         if not hits:
             raise LladaError(
                 f"peft.target_modules entry {entry!r} matches no Linear module of the model: use "
@@ -113,6 +120,17 @@ def resolve_targets(model: torch.nn.Module, targets: list[str]) -> list[str]:
             )
         chosen.update(hits)
     return sorted(chosen)
+
+
+def _stacked_expert_match(model: torch.nn.Module, entry: str) -> str | None:
+    """The first stacked routed-expert weight (``blocks.N.moe.gate_proj``: a 3-D Parameter, not
+    a module) that ``entry`` names, by its full name or as ``blocks.N.gate_proj``; else None."""
+    pattern = _entry_regex(entry)
+    for name, param in model.named_parameters():
+        stacked = param.dim() == 3 and ".moe." in name
+        if stacked and (re.fullmatch(pattern, name) or re.fullmatch(pattern, name.replace(".moe.", "."))):
+            return name
+    return None
 
 
 def lora_config(cfg: PeftConfig, base: str) -> Any:

@@ -23,13 +23,19 @@ from llada_train.model.layers import (
     resolve_flash_attn,
 )
 from llada_train.model.masks import attention_layout
+from llada_train.model.moe import build_moe
 from llada_train.model.remat import check_policy, checkpointed_call
 
 
 class LLaDABlock(nn.Module):
-    """One pre-norm block: attention (full, or causal for the AR twin), then a SwiGLU MLP."""
+    """One pre-norm block: attention (full, or causal for the AR twin), then a SwiGLU MLP.
 
-    def __init__(self, cfg: ModelConfig, flash: FlashFn | None = None) -> None:
+    In a mixture-of-experts layer (``cfg.is_moe_layer(layer)``) the feed-forward is the routed
+    experts (``moe``) plus, when the config has one, a shared expert: the block's own SwiGLU
+    at the shared width (no ``ff_proj``/``up_proj``/``ff_out`` without one).
+    """
+
+    def __init__(self, cfg: ModelConfig, flash: FlashFn | None = None, layer: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.flash = flash  # resolved once at build; None = SDPA
@@ -40,10 +46,15 @@ class LLaDABlock(nn.Module):
         self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=qkv_bias)
         self.attn_out = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        if cfg.qk_norm:  # per-head RMSNorm of q and k before RoPE (Qwen3, LLaDA 2.x)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # SiLU gate
-        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)  # down projection
+        width = cfg.ffn_width(layer)  # the dense MLP, or a MoE layer's shared expert (0: none)
+        self.ff_proj = nn.Linear(d, width, bias=False) if width else None  # SiLU gate
+        self.up_proj = nn.Linear(d, width, bias=False) if width else None
+        self.ff_out = nn.Linear(width, d, bias=False) if width else None  # down projection
+        self.moe = build_moe(cfg, layer)  # routed experts, None in a dense layer
 
     def attention(
         self,
@@ -57,10 +68,12 @@ class LLaDABlock(nn.Module):
         """Attention output (B, L, d); with a filled ``kv`` slot keys are cached prefix + x."""
         cfg = self.cfg
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, L, hd)
-        # (B, H_kv, L, hd)
-        k = self.k_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, L, cfg.n_heads, cfg.head_dim)  # (B, L, H, hd)
+        k = self.k_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim)  # (B, L, H_kv, hd)
         v = self.v_proj(x).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # over each head's hd features
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, L, hd), (B, H_kv, L, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
             k, v = kv.update(k, v)  # (B, H_kv, keys, hd)
@@ -77,8 +90,16 @@ class LLaDABlock(nn.Module):
     ) -> torch.Tensor:
         """The block's output (B, L, d), never checkpointed."""
         h = x + self.attention(self.attn_norm(x), cos, sin, key_mask, kv, is_causal)
-        m = self.ff_norm(h)
-        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+        return h + self.feed_forward(self.ff_norm(h))
+
+    def feed_forward(self, m: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of the normed m (B, L, d), plus the routed experts in a MoE layer."""
+        if self.moe is None:
+            return self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+        routed = self.moe(m)  # (B, L, d)
+        if self.ff_proj is None:
+            return routed
+        return routed + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
 
     def forward(
         self,
@@ -117,14 +138,16 @@ class LLaDAModel(nn.Module):
         transformer = nn.ModuleDict(
             {
                 "wte": nn.Embedding(cfg.vocab_size, cfg.d_model),
-                "blocks": nn.ModuleList(LLaDABlock(cfg, flash) for _ in range(cfg.n_layers)),
+                "blocks": nn.ModuleList(LLaDABlock(cfg, flash, i) for i in range(cfg.n_layers)),
                 "ln_f": RMSNorm(cfg.d_model, cfg.rms_norm_eps),
                 "ff_out": nn.Linear(cfg.d_model, cfg.vocab_size, bias=False),
             }
         )
         self.model = nn.Module()
         self.model.transformer = transformer
-        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.max_sequence_length)
+        self.rope = RopeTable(  # partial RoPE: the table spans the rotated features only
+            cfg.rotary_dim, cfg.rope_theta, cfg.max_sequence_length, cfg.rope_scaling_params
+        )
 
     @property
     def transformer(self) -> nn.ModuleDict:
@@ -135,7 +158,8 @@ class LLaDAModel(nn.Module):
         self, generator: torch.Generator, param_context: Callable[..., Any] | None = None
     ) -> None:
         """Normal(0, init_std) matrices (residual outputs / sqrt(2 n_layers)), unit norm weights,
-        zero q/k/v biases (when the config has them).
+        zero q/k/v biases (when the config has them); stacked expert weights (3-D) draw like
+        matrices (down projections as residual outputs), expert biases start at 0.
 
         Draws happen in parameter order from ``generator``, so every ZeRO stage gets the same
         weights; ``param_context(p)`` wraps each write (ZeRO-3 passes a gather context).
@@ -144,9 +168,12 @@ class LLaDAModel(nn.Module):
         for name, p in self.named_parameters():
             with param_context(p) if param_context else contextlib.nullcontext():
                 if p.ndim == 1:
-                    p.fill_(0.0 if name.endswith(".bias") else 1.0)  # biases draw nothing
+                    zero = name.endswith((".bias", "expert_bias"))
+                    p.fill_(0.0 if zero else 1.0)  # biases draw nothing
                     continue
-                residual_out = ".blocks." in name and name.endswith(("attn_out.weight", "ff_out.weight"))
+                residual_out = ".blocks." in name and name.endswith(
+                    ("attn_out.weight", "ff_out.weight", "moe.down_proj")
+                )
                 s = std / math.sqrt(2 * self.config.n_layers) if residual_out else std
                 values = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=generator)
                 p.copy_(values)

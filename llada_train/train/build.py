@@ -23,6 +23,8 @@ RUNTIME_FIELDS = (
     "checkpoint_policy",
     "compile",
     "compile_backend",
+    "router_bias_update_rate",  # MoE balancing rate (model/moe.py)
+    "moe_impl",  # MoE expert kernel: auto, grouped_mm or loop
 )
 
 

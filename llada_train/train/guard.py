@@ -8,7 +8,7 @@ is redone on fresh batches. Deciding once per step keeps host syncs out of the m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,14 +25,20 @@ class StepSums:
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.tokens = 0  # host ints: the objective reports shapes, which need no sync
         self.micro_batches = 0
+        self.metrics: dict[str, torch.Tensor] = {}  # the objective's own (LossOutput.metrics)
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
-        """Add one micro-batch's (detached) loss and token count."""
+    def add(
+        self, loss: torch.Tensor, tokens: int, metrics: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Add one micro-batch's (detached) loss, token count and objective metrics."""
         loss = loss.detach().to(torch.float64)
         self.nonfinite += (~torch.isfinite(loss)).to(torch.float64)
         self.loss += loss
         self.tokens += tokens
         self.micro_batches += 1
+        for k, v in (metrics or {}).items():
+            total = self.metrics.get(k, torch.zeros((), dtype=torch.float64, device=self.device))
+            self.metrics[k] = total + v.detach().to(torch.float64)
 
     def flag_nonfinite(self, value: torch.Tensor) -> None:
         """Also fail the step when ``value`` (e.g. a gradient norm) is not finite."""
@@ -44,13 +50,18 @@ class StepSums:
         counts = torch.tensor(
             [float(self.tokens), float(self.micro_batches)], dtype=torch.float64, device=self.device
         )
-        vec = all_ranks_sum(torch.cat([torch.stack([self.nonfinite, self.loss, stop]), counts]))
-        nonfinite, loss, stop_sum, tokens, micro = vec.tolist()
+        keys = sorted(self.metrics)  # the same keys on every rank (LossOutput.metrics' rule)
+        extra = [self.metrics[k] for k in keys]
+        vec = all_ranks_sum(
+            torch.cat([torch.stack([self.nonfinite, self.loss, stop, *extra]), counts])
+        )
+        nonfinite, loss, stop_sum, *sums, tokens, micro = vec.tolist()
         return StepVerdict(
             nonfinite=nonfinite > 0,
             mean_loss=loss / max(micro, 1.0),
             tokens=tokens,
             stop_requested=stop_sum > 0,
+            metrics={k: v / max(micro, 1.0) for k, v in zip(keys, sums, strict=True)},
         )
 
 
@@ -62,6 +73,8 @@ class StepVerdict:
     mean_loss: float  # mean micro-batch loss over all ranks
     tokens: float  # tokens seen by all ranks together
     stop_requested: bool  # some rank received a pre-emption signal
+    # the objective's metrics, each a mean over the step's micro-batches on all ranks
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class BadStepCounter:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from llada_train.diffusion.forward import NoiseKey
 from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
+from llada_train.model.moe import expert_metrics, update_expert_bias
 from llada_train.train import checkpointing as ckpt
 from llada_train.train.guard import BadStepCounter, StepSums, StepVerdict
 from llada_train.train.metrics import (
@@ -114,6 +115,7 @@ class Trainer:
         self._lr = math.nan
         self._block: int | None = None  # the block-size curriculum's value this step (None: off)
         self._stop_requested = False
+        self._objective_metrics: dict[str, float] = {}  # the last step's LossOutput.metrics means
         self.metrics = MetricsLogger(run.run_dir, self.rank0, self.logging, run.config_dict)
 
     # ---- state -------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class Trainer:
         noise = NoiseKey(self.run.seed, self.step, self._block) if keyed else self.generator
         out = self.objective(self.engine, batch, noise)
         self.engine.backward(out.loss)
-        sums.add(out.loss, out.num_tokens)
+        sums.add(out.loss, out.num_tokens, out.metrics)
 
     def _measure_grads(self, sums: StepSums) -> None:
         """Stage 0: the gradient norm before the update, so a non-finite one is skipped too.
@@ -243,6 +245,8 @@ class Trainer:
             self.bad_steps.record(skipped, self.step)
             if not skipped:
                 break
+        self._objective_metrics = verdict.metrics  # agreed in the step's one all-reduce
+        update_expert_bias(self.engine.module)  # MoE balancing from this step's load; dense: no-op
         self.step += 1
         # tokens the model actually saw (SFT batches and 1% cuts are shorter than seq_len)
         self.tokens += verdict.tokens
@@ -330,6 +334,8 @@ class Trainer:
                             "skipped_steps": self.bad_steps.skipped,
                             **({} if self._block is None else {"block_size": self._block}),
                             **val,
+                            **self._objective_metrics,  # the objective's own (e.g. vrpo/...)
+                            **expert_metrics(self.engine.module),  # MoE load/bias; dense: {}
                         },
                         echo=not self.logging.progress_bar or bool(val),
                     )

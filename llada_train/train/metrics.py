@@ -36,22 +36,33 @@ class LoggingConfig:
     progress_bar: bool = True
 
 
-def non_embedding_parameters(cfg: ModelConfig) -> int:
+def non_embedding_parameters(cfg: ModelConfig, active: bool = False) -> int:
     """Parameters that take part in matmuls: all but the embedding table (a lookup).
 
-    The output head is a matmul and counts; norm weights count too (as in torchtitan).
+    The output head is a matmul and counts; norm weights count too (as in torchtitan). In a
+    mixture-of-experts layer the MLP is the shared expert (if any), the router and the routed
+    experts: all of them, or with ``active`` the top-k a token runs through (the expert
+    biases, which no matmul reads, are left out).
     """
-    hd = cfg.head_dim
-    attn = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # q, k, v, out
-    mlp = 3 * cfg.d_model * cfg.mlp_hidden_size
-    norms = 2 * cfg.d_model
-    return cfg.n_layers * (attn + mlp + norms) + cfg.d_model + cfg.d_model * cfg.vocab_size
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # q, k, v, out
+    norms = 2 * d + (2 * hd if cfg.qk_norm else 0)
+    total = 0
+    for layer in range(cfg.n_layers):
+        mlp = 3 * d * cfg.ffn_width(layer)  # the dense MLP, or a MoE layer's shared expert
+        if cfg.is_moe_layer(layer):
+            experts = cfg.num_experts_per_tok if active else cfg.num_experts
+            mlp += d * cfg.num_experts + experts * 3 * d * cfg.moe_intermediate_size
+        total += attn + mlp + norms
+    return total + d + d * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token, the torchtitan / OLMo-core convention:
-    6 x non-embedding parameters + 12 x layers x d_model x seq_len (attention scores)."""
-    return 6.0 * non_embedding_parameters(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+    6 x non-embedding parameters + 12 x layers x d_model x seq_len (attention scores); a
+    mixture of experts counts the parameters a token is routed through (``active``)."""
+    active = non_embedding_parameters(cfg, active=True)
+    return 6.0 * active + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 
 def memory_gib(device: torch.device) -> float:

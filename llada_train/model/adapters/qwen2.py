@@ -24,10 +24,15 @@ class Qwen2Adapter(LlamaAdapter):
 
     def model_config(self, hf: dict[str, Any]) -> ModelConfig:
         """Qwen2's config.json; refuses sliding-window attention, which we do not implement."""
-        sliding = hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or [])
-        if sliding:
-            raise LladaError(
-                f"{self.source}: use_sliding_window=true is not implemented (full attention "
-                "only); convert a checkpoint with use_sliding_window=false"
-            )
+        refuse_qwen_sliding_window(hf, self.source)
         return common_config(hf, self.source, include_qkv_bias=True)
+
+
+def refuse_qwen_sliding_window(hf: dict[str, Any], source: str) -> None:
+    """Qwen2/Qwen3 switch sliding windows on per layer (``use_sliding_window``, ``layer_types``)."""
+    layer_types = hf.get("layer_types") or []
+    if hf.get("use_sliding_window") or "sliding_attention" in layer_types:
+        raise LladaError(
+            f"{source}: use_sliding_window=true is not implemented (full attention "
+            "only); convert a checkpoint with use_sliding_window=false"
+        )

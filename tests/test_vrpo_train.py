@@ -1,0 +1,156 @@
+"""``llada-dpo``'s ``run_dpo`` end to end under ZeRO-2: VRPO steps on the demo's chat pairs (the
+right answer against another question's answer). One run of two steps serves log 2 and zero
+reward margins on the first step and the logged preference metrics; a second run, resumed in
+another process from that run's step-1 checkpoint, redoes step 2 exactly; bad runs stop with
+one line.
+
+Each run is ``python -m llada_train.cli.dpo`` in its own process, as a user starts it (a
+run in a fork of the test process can deadlock on a lock another thread held at the fork)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from data_pipelines.preference_records import build_preference_records
+from data_pipelines.sources import SourceSpec
+from llada_train.model import LLaDAModel, save_pretrained
+from llada_train.model.config import ModelConfig
+from tests.conftest import REPO
+from tests.launch_utils import launch_env, metrics
+
+pytestmark = pytest.mark.slow
+STEPS = 2  # checkpoints at both; the resumed run redoes step 2 from step 1's
+PREFERENCE_METRICS = (
+    "vrpo/reward_margin",
+    "vrpo/reward_accuracy",
+    "vrpo/chosen_elbo_delta",
+    "vrpo/rejected_elbo_delta",
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/tiny.yaml")
+    )
+    cfg = dataclasses.replace(OmegaConf.to_object(cfg), n_layers=2)  # half the steps' cost
+    model = LLaDAModel(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    return save_pretrained(
+        dict(model.named_parameters()), cfg, tmp_path_factory.mktemp("base") / "base"
+    )
+
+
+@pytest.fixture(scope="module")
+def pairs(demo_data, tmp_path_factory):
+    """First turns of the demo chat: its answer is chosen, the next dialogue's is rejected."""
+    rows = [json.loads(line) for line in (demo_data / "chat.jsonl").read_text().splitlines()[:65]]
+    out = tmp_path_factory.mktemp("pairs")
+    prefs = [
+        {
+            "prompt": a["messages"][0]["content"],
+            "chosen": a["messages"][1]["content"],
+            "rejected": b["messages"][1]["content"],
+        }
+        for a, b in zip(rows, rows[1:], strict=False)
+    ]
+    (out / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prefs))
+    build_preference_records(
+        SourceSpec(inputs=[str(out / "p.jsonl")]), demo_data / "tokenizer.json", out / "rec"
+    )
+    return out / "rec"
+
+
+def dpo_args(run_dir, base, pairs, demo_data, *extra: str) -> list[str]:
+    return [
+        f"run_dir={run_dir}",
+        f"init_from={base}",
+        f"data.path={pairs}",
+        f"data.tokenizer={demo_data / 'tokenizer.json'}",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "trainer.seq_len=64",
+        "trainer.epochs=0",
+        "schedule=sft_demo",
+        "schedule.peak_lr=3e-3",
+        "schedule.warmup_steps=1",
+        "objective.elbo_timesteps=4",
+        "objective.loss_chunk_rows=64",
+        "deepspeed=zero2",
+        "logging.log_every=1",
+        "logging.progress_bar=false",
+        "trainer.export_at_end=false",
+        *extra,
+    ]
+
+
+def run_dpo(overrides: list[str], log: Path, timeout_s: float = 300) -> tuple[int, str]:
+    """``python -m llada_train.cli.dpo overrides`` as a user runs it: (exit code, output)."""
+    proc = subprocess.run([sys.executable, "-m", "llada_train.cli.dpo", *overrides], cwd=REPO,
+                          env=launch_env(), capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    log.write_text(out)
+    return proc.returncode, out
+
+
+def test_vrpo_trains_from_log2_logs_its_metrics_and_resumes_exactly(
+    base, pairs, demo_data, tmp_path
+):
+    full = tmp_path / "full"
+    steps = f"trainer.max_steps={STEPS}"
+    data = (base, pairs, demo_data)
+    code, out = run_dpo(dpo_args(full, *data, steps, "trainer.save_every=1"), tmp_path / "a")
+    assert code == 0, out[-3000:]
+    rows = metrics(full)
+    losses = [m["loss"] for m in rows]
+    print(f"VRPO losses: {', '.join(f'{x:.4f}' for x in losses)}")
+    assert len(losses) == STEPS and abs(losses[0] - math.log(2)) < 1e-5  # policy = reference
+    assert abs(losses[1] - math.log(2)) > 1e-4  # the first update moved the policy
+    first, second = rows[0], rows[1]
+    for m in rows:  # the margin is beta x (chosen delta - rejected delta), beta = 0.1
+        assert 0.0 <= m["vrpo/reward_accuracy"] <= 1.0
+        bracket = m["vrpo/chosen_elbo_delta"] - m["vrpo/rejected_elbo_delta"]
+        assert m["vrpo/reward_margin"] == pytest.approx(0.1 * bracket, rel=1e-4, abs=1e-6)
+    for key in ("vrpo/reward_margin", "vrpo/chosen_elbo_delta", "vrpo/rejected_elbo_delta"):
+        assert abs(first[key]) < 1e-4, (key, first[key])  # at the reference: no margin
+    assert abs(second["vrpo/reward_margin"]) > 1e-4
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:08d}")
+    (resumed / "checkpoints" / "latest").write_text(f"step_{STEPS - 1:08d}")
+    code, out = run_dpo(dpo_args(resumed, *data, steps), tmp_path / "b")
+    assert code == 0 and "resumed from" in out, out[-3000:]
+    again = metrics(resumed)
+    assert [m["step"] for m in again] == [STEPS]
+    for key in ("loss", *PREFERENCE_METRICS):
+        assert again[0][key] == pytest.approx(second[key], rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["objective.reference=lora_base"],
+            "objective.reference=lora_base is the LoRA base with the adapters off: set peft=lora",
+        ),
+        (["objective=sft"], "llada-dpo trains objective=vrpo, not sft"),
+        (["init_from=null"], "llada-dpo needs init_from=<model folder>"),
+    ],
+)
+def test_bad_dpo_runs_are_one_line(base, pairs, demo_data, tmp_path, extra, message):
+    """A bad config: one ``error:`` line and exit code 2, before any process group."""
+    run_dir = tmp_path / "r"
+    code, out = run_dpo(dpo_args(run_dir, base, pairs, demo_data, *extra), tmp_path / "log")
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], out[-2000:]
+    assert not (run_dir / "config.yaml").exists()  # stopped before writing the run
