@@ -1,0 +1,194 @@
+"""Driving the live one-node SLURM of tests/test_slurm_live.py as a user and an operator do:
+sbatch / scontrol / scancel, waiting on job states and steps, pausing ranks (SIGSTOP) while a
+time-limit warning is on its way, releasing a requeued job."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import REPO
+from tests.launch_utils import launch_env
+
+
+class Slurm:
+    """sbatch / scontrol / scancel against the live cluster, as a user runs them."""
+
+    def __init__(self, cluster, out_dir: Path) -> None:
+        self.env = {
+            **launch_env(),
+            **cluster.env(),
+            "GPUS_PER_NODE": "2",
+            "LLADA_DEVICE": "cpu",
+            "LLADA_PYTHON": sys.executable,
+        }
+        for key in [
+            k for k in self.env if k.startswith(("SLURM_JOB", "SLURM_STEP", "SBATCH_", "SRUN_"))
+        ]:
+            del self.env[key]
+        self.out_dir = out_dir
+        self.jobcomp = cluster.base / "jobcomp.txt"
+
+    def cmd(self, *args: str) -> str:
+        proc = subprocess.run(
+            list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, f"{args}: {proc.stdout}{proc.stderr}"
+        return proc.stdout.strip()
+
+    def submit(
+        self, script: str, overrides: list[str], *opts: str, name: str = "job"
+    ) -> tuple[str, Path]:
+        """``sbatch`` from the repository root; returns (job id, output file)."""
+        out = self.out_dir / f"{name}.out"
+        jid = self.cmd(
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--oversubscribe",
+            f"--output={out}",
+            *opts,
+            f"launch/slurm/{script}",
+            *overrides,
+        )
+        return jid.split(";")[0], out
+
+    def job(self, jid: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, Reason, Restarts, ExitCode, ...)."""
+        text = self.cmd("scontrol", "show", "job", "-o", jid)
+        return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", text))
+
+    def wait_state(
+        self, jid: str, states: set[str], out: Path, timeout: float = 150
+    ) -> dict[str, str]:
+        deadline = time.time() + timeout
+        while True:
+            info = self.job(jid)
+            if info["JobState"] in states:
+                return info
+            if time.time() > deadline:
+                raise AssertionError(
+                    f"job {jid} is {info['JobState']}, not {states}:\n{output_tail(out)}"
+                )
+            time.sleep(0.5)
+
+    def wait_steps(self, jid: str, run_dir: Path, out: Path, n: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        rows = run_dir / "metrics.jsonl"
+        while not (rows.exists() and len(rows.read_text().splitlines()) >= n):
+            state = self.job(jid)["JobState"]
+            assert state in ("PENDING", "RUNNING", "CONFIGURING"), (
+                f"job {jid} {state}:\n{output_tail(out)}"
+            )
+            assert time.time() < deadline, (
+                f"job {jid}: not {n} steps in {timeout} s:\n{output_tail(out)}"
+            )
+            time.sleep(0.2)
+
+    def runs_of(self, jid: str) -> list[str]:
+        """The job's ended runs from the job completion log (a requeue ends one run)."""
+        if not self.jobcomp.exists():
+            return []
+        return [
+            m.group(1)
+            for line in self.jobcomp.read_text().splitlines()
+            if (m := re.match(rf"JobId={jid} .*JobState=(\w+)", line))
+        ]
+
+
+def output_tail(path: Path, chars: int = 4000) -> str:
+    """The end of a job's output file, then the end of the scheduler's logs."""
+    text = path.read_text()[-chars:] if path.exists() else "(no output yet)"
+    logs = sorted(Path("/tmp").glob(f"llada-slurm-{os.getpid()}/log/*.log"))
+    for log in logs:  # the scheduler's side of the story
+        text += f"\n--- {log.name} (tail) ---\n" + "\n".join(log.read_text().splitlines()[-25:])
+    return text
+
+
+def training_ranks(run_dir: Path) -> list[psutil.Process]:
+    """The job's rank processes (and their data workers): ``python -m llada_train.cli.<task>``
+    with this run_dir, not the torchrun wrapper, srun or the batch shell."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if (f"run_dir={run_dir}" in cmd and "llada_train.cli.torchrun" not in cmd
+                and any(c.startswith("llada_train.cli.") for c in cmd)):  # fmt: skip
+            found.append(proc)
+    return found
+
+
+@contextlib.contextmanager
+def paused(ranks: list[psutil.Process]):
+    """SIGSTOP the ranks for the block (to the job, one very slow step), then SIGCONT."""
+    assert len(ranks) >= 2, [r.cmdline() for r in ranks]
+    for rank in ranks:
+        rank.suspend()
+    try:
+        yield
+    finally:
+        for rank in ranks:
+            with contextlib.suppress(psutil.Error):
+                rank.resume()
+
+
+def warn_by_time_limit(slurm: Slurm, jid: str, out: Path) -> None:
+    """Shorten a running job's time limit so it is inside its --signal window, and wait until
+    its batch script has the warning: it comes from SLURM's own time-limit check, which runs
+    about every 30 s, so callers pause the ranks meanwhile (a short run would otherwise end
+    before its warning on a fast machine)."""
+    elapsed = slurm.job(jid)["RunTime"]
+    elapsed_min = int(elapsed.split(":")[-2]) if ":" in elapsed else 0
+    slurm.cmd("scontrol", "update", f"JobId={jid}", f"TimeLimit={elapsed_min + 1}")
+    deadline = time.time() + 90
+    while "SIGUSR1 received by the batch script" not in out.read_text():
+        assert time.time() < deadline, (
+            f"no warning 90 s after the time limit was cut:\n{output_tail(out)}"
+        )
+        time.sleep(0.2)
+
+
+def job_processes(jid: str, run_dir: Path) -> list[psutil.Process]:
+    """What is left on the node of a job's last start: its slurmstepd and anything with its
+    run_dir on the command line (batch script, srun, launcher, ranks)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if f"run_dir={run_dir}" in cmd or cmd.startswith(f"slurmstepd: [{jid}."):
+            found.append(proc)
+    return found
+
+
+def release_requeued(slurm: Slurm, jid: str, run_dir: Path, out: Path) -> None:
+    """Once the job has requeued itself and its last start has left the node (a start while
+    that one's slurmstepd is still finishing fails: "could not launch batch job"): a long
+    limit again, and no begin-time wait."""
+    info = slurm.wait_state(jid, {"PENDING", "COMPLETED", "FAILED"}, out)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", f"{info}\n{output_tail(out)}"
+    deadline = time.time() + 20
+    while info["Reason"] != "BeginTime":  # set a moment after the requeue
+        assert time.time() < deadline, info
+        time.sleep(0.2)
+        info = slurm.job(jid)
+    deadline = time.time() + 60
+    while left := job_processes(jid, run_dir):
+        assert time.time() < deadline, [p.info["cmdline"] for p in left]
+        time.sleep(0.2)
+    slurm.cmd("scontrol", "update", f"JobId={jid}", "TimeLimit=10", "StartTime=now")
+
+
+def preempt_by_time_limit(slurm: Slurm, jid: str, run_dir: Path, out: Path) -> None:
+    """The time-limit warning once training runs (ranks paused until it arrives), then the
+    requeued job released."""
+    slurm.wait_steps(jid, run_dir, out, 2)
+    with paused(training_ranks(run_dir)):
+        warn_by_time_limit(slurm, jid, out)
+    release_requeued(slurm, jid, run_dir, out)
