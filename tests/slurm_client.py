@@ -140,18 +140,21 @@ def paused(ranks: list[psutil.Process]):
                 rank.resume()
 
 
-def warn_by_time_limit(slurm: Slurm, jid: str, out: Path) -> None:
-    """Shorten a running job's time limit so it is inside its --signal window, and wait until
-    its batch script has the warning: it comes from SLURM's own time-limit check, which runs
-    about every 30 s, so callers pause the ranks meanwhile (a short run would otherwise end
-    before its warning on a fast machine)."""
+def cut_time_limit(slurm: Slurm, jid: str) -> None:
+    """Shorten a running job's time limit so it is inside its --signal window: the warning
+    then comes from SLURM's own time-limit check, which runs about every 30 s, so callers
+    pause the ranks until it arrives (a short run would otherwise end first on a fast machine)."""
     elapsed = slurm.job(jid)["RunTime"]
     elapsed_min = int(elapsed.split(":")[-2]) if ":" in elapsed else 0
     slurm.cmd("scontrol", "update", f"JobId={jid}", f"TimeLimit={elapsed_min + 1}")
-    deadline = time.time() + 90
+
+
+def wait_for_warning(out: Path, timeout: float = 90) -> None:
+    """Until the job's batch script reports the SIGUSR1 warning."""
+    deadline = time.time() + timeout
     while "SIGUSR1 received by the batch script" not in out.read_text():
         assert time.time() < deadline, (
-            f"no warning 90 s after the time limit was cut:\n{output_tail(out)}"
+            f"no warning {timeout:.0f} s after the cut:\n{output_tail(out)}"
         )
         time.sleep(0.2)
 
@@ -183,12 +186,3 @@ def release_requeued(slurm: Slurm, jid: str, run_dir: Path, out: Path) -> None:
         assert time.time() < deadline, [p.info["cmdline"] for p in left]
         time.sleep(0.2)
     slurm.cmd("scontrol", "update", f"JobId={jid}", "TimeLimit=10", "StartTime=now")
-
-
-def preempt_by_time_limit(slurm: Slurm, jid: str, run_dir: Path, out: Path) -> None:
-    """The time-limit warning once training runs (ranks paused until it arrives), then the
-    requeued job released."""
-    slurm.wait_steps(jid, run_dir, out, 2)
-    with paused(training_ranks(run_dir)):
-        warn_by_time_limit(slurm, jid, out)
-    release_requeued(slurm, jid, run_dir, out)

@@ -33,12 +33,12 @@ from tests.conftest import REPO
 from tests.launch_utils import metrics
 from tests.slurm_client import (
     Slurm,
+    cut_time_limit,
     output_tail,
     paused,
-    preempt_by_time_limit,
     release_requeued,
     training_ranks,
-    warn_by_time_limit,
+    wait_for_warning,
 )
 
 _spec = importlib.util.spec_from_file_location("local_slurm", REPO / "scripts" / "local_slurm.py")
@@ -48,8 +48,8 @@ _spec.loader.exec_module(local_slurm)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm_live")]
 
-STEPS = 150  # the ranks are paused while the warning is on its way (preempt_by_time_limit)
-SFT_STEPS = 150
+STEPS = 150  # the ranks are paused while a warning is on its way (cut_time_limit)
+SFT_STEPS = 60
 PRETRAIN = [
     "trainer.seq_len=16",
     "trainer.global_batch_size=2",
@@ -140,8 +140,9 @@ def pretrain_jobs(slurm, demo_data, tmp_path_factory):
         twin, twin_out = slurm.submit(
             "pretrain.sbatch", pretrain(demo_data, ref_dir), "--time=10", name="twin"
         )
+        cut_time_limit(slurm, pre)  # its warning is on its way while the twin runs
         twin_info = slurm.wait_state(twin, {"COMPLETED", "FAILED"}, twin_out)
-        warn_by_time_limit(slurm, pre, pre_out)
+        wait_for_warning(pre_out)
     release_requeued(slurm, pre, pre_dir, pre_out)
     ref_info = slurm.wait_state(ref, {"COMPLETED", "FAILED"}, ref_out)
     assert ref_info["JobState"] == "COMPLETED", output_tail(ref_out)
@@ -241,24 +242,33 @@ def second_wave(slurm, demo_data, pretrain_jobs, tmp_path_factory):
     }
     results: dict = {"dirs": dirs, "jobs": jobs}
 
-    jid, out = jobs["term"]
-    slurm.wait_steps(jid, dirs["term"], out, 2)
-    slurm.cmd("scancel", "--batch", "--signal=TERM", jid)
-    jid, out = jobs["scancel"]
-    slurm.wait_steps(jid, dirs["scancel"], out, 2)
-    slurm.cmd("scancel", jid)
-    jid, out = jobs["killed"]
-    slurm.wait_steps(jid, dirs["killed"], out, 12)
-    # SIGKILL to every process of the job at once: a lost node, or a KillWait shorter than the save
-    subprocess.run(["pkill", "-KILL", "-f", f"run_dir={dirs['killed']} "], check=True)
-    slurm.wait_state(jid, {"CANCELLED", "FAILED"}, out)
-    latest = (dirs["killed"] / "checkpoints" / "latest").read_text()
-    results["killed"] = (latest, (dirs["killed"] / "run.lock").read_text())
-    stop = int(latest.removeprefix("step_")) + 5
-    jobs["again"] = slurm.submit(
-        "pretrain.sbatch", [*killed_args, f"trainer.max_steps={stop}"], "--time=10", name="again"
-    )
-    preempt_by_time_limit(slurm, *jobs["sft"][:1], dirs["sft"], jobs["sft"][1])
+    sft, sft_out = jobs["sft"]
+    slurm.wait_steps(sft, dirs["sft"], sft_out, 2)
+    with paused(training_ranks(dirs["sft"])):  # its warning comes while the others are handled
+        cut_time_limit(slurm, sft)
+        jid, out = jobs["term"]
+        slurm.wait_steps(jid, dirs["term"], out, 2)
+        slurm.cmd("scancel", "--batch", "--signal=TERM", jid)
+        jid, out = jobs["scancel"]
+        slurm.wait_steps(jid, dirs["scancel"], out, 2)
+        slurm.cmd("scancel", jid)
+        jid, out = jobs["killed"]
+        slurm.wait_steps(jid, dirs["killed"], out, 12)
+        # SIGKILL to every process of the job at once: a lost node, or a KillWait shorter
+        # than the save
+        subprocess.run(["pkill", "-KILL", "-f", f"run_dir={dirs['killed']} "], check=True)
+        slurm.wait_state(jid, {"CANCELLED", "FAILED"}, out)
+        latest = (dirs["killed"] / "checkpoints" / "latest").read_text()
+        results["killed"] = (latest, (dirs["killed"] / "run.lock").read_text())
+        stop = int(latest.removeprefix("step_")) + 5
+        jobs["again"] = slurm.submit(
+            "pretrain.sbatch",
+            [*killed_args, f"trainer.max_steps={stop}"],
+            "--time=10",
+            name="again",
+        )
+        wait_for_warning(sft_out)
+    release_requeued(slurm, sft, dirs["sft"], sft_out)
     results["state"] = {
         name: slurm.wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED"}, out)
         for name, (jid, out) in jobs.items()
