@@ -246,7 +246,8 @@ class Trainer:
             if not skipped:
                 break
         self._objective_metrics = verdict.metrics  # agreed in the step's one all-reduce
-        update_expert_bias(self.engine.module)  # MoE balancing from this step's load; dense: no-op
+        if self.model_cfg.num_experts:  # MoE balancing from this step's load
+            update_expert_bias(self.engine.module)
         self.step += 1
         # tokens the model actually saw (SFT batches and 1% cuts are shorter than seq_len)
         self.tokens += verdict.tokens
@@ -335,7 +336,7 @@ class Trainer:
                             **({} if self._block is None else {"block_size": self._block}),
                             **val,
                             **self._objective_metrics,  # the objective's own (e.g. vrpo/...)
-                            **expert_metrics(self.engine.module),  # MoE load/bias; dense: {}
+                            **(expert_metrics(self.engine.module) if self.model_cfg.num_experts else {}),
                         },
                         echo=not self.logging.progress_bar or bool(val),
                     )
