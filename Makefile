@@ -59,10 +59,10 @@ demo: install
 		--chat $(DEMO_DIR)/data/chat.jsonl
 
 # two pytest workers: most tests wait on process start-up, so 2 cores run two at a time;
-# loadgroup keeps the live-SLURM tests (one cluster per module) on one worker
+# loadscope: a module runs on one worker (its module fixtures, e.g. the live SLURM cluster, once)
 TEST_WORKERS ?= 2
 test: dev
-	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=10
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadscope --durations=10
 
 # Re-record tests/assets/losses/{pretrain,sft}.json (the golden loss curves) after a numeric
 # change made on purpose; review and commit the diff.

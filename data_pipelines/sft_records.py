@@ -244,9 +244,6 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-if __name__ == "__main__":
-    main()
-
 
 def write_record_files(
     out: Path, records: list[np.ndarray], plens: list[int]
@@ -273,3 +270,7 @@ def write_record_files(
             "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
         }
     return files, offsets
+
+
+if __name__ == "__main__":
+    main()

@@ -115,13 +115,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+# A requeued job starts again this many seconds (+1) after its requeue; also the lifetime of
+# a job-step credential, so it must cover a step launch on a busy node.
+CRED_EXPIRE_S = 10
+
+
 def slurm_conf(base: Path, host: str, cpus: int, ctld_port: int, slurmd_port: int) -> str:
     """A minimal single-node configuration: one partition, requeue allowed, no cgroups.
 
     KillWait=10: ``scancel`` gives the ranks 10 s between SIGTERM and SIGKILL.
+    cred_expire=10 (AuthInfo): a requeued job waits cred_expire + 1 s before it starts again
+    (Slurm's default is 120 s), so that the credential of its previous start, revoked on the
+    node, has expired by then.
     MinJobAge=600: finished jobs stay visible to ``scontrol show job`` for 10 minutes.
-    OverSubscribe=YES: jobs submitted with ``--oversubscribe`` may share CPUs (the tests run
-    a job beside another on one run_dir).
+    OverSubscribe=YES:8: jobs submitted with ``--oversubscribe`` may share a CPU, up to 8 of
+    them (the tests run nine small jobs side by side, two of them on one run_dir).
     The job completion log (jobcomp.txt) has one line per ended run of a job, requeues
     included, so a test can count starts without accounting storage.
     """
@@ -131,7 +139,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
-AuthInfo=socket={base}/munge/munge.socket
+AuthInfo=socket={base}/munge/munge.socket,cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -155,7 +163,7 @@ JobCompType=jobcomp/filetxt
 JobCompLoc={base}/jobcomp.txt
 AccountingStorageType=accounting_storage/none
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=local Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+PartitionName=local Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES:8
 """
 
 

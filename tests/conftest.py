@@ -58,3 +58,28 @@ def demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "data"
     prepare_demo(out)
     return out
+
+
+# The modules that take longest (measured with --durations), run first: `make test` hands
+# whole modules to its two workers (--dist loadscope, so a module's fixtures are built once),
+# and starting the long ones early keeps one worker from finishing alone with a long tail.
+LONGEST_FIRST = [
+    "test_slurm_live.py",
+    "test_sft.py",
+    "test_train_distributed.py",
+    "test_lora_e2e.py",
+    "test_checkpoint_security.py",
+    "test_loss_zero3.py",
+    "test_masks_topology.py",
+    "test_block_train.py",
+    "test_moe_train.py",
+    "test_launch.py",
+    "test_paper_mini.py",
+    "test_torchrun.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Reorder by LONGEST_FIRST (stable: the other modules keep their order after them)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -29,9 +30,11 @@ class Slurm:
             "LLADA_DEVICE": "cpu",
             "LLADA_PYTHON": sys.executable,
         }
-        for key in [
-            k for k in self.env if k.startswith(("SLURM_JOB", "SLURM_STEP", "SBATCH_", "SRUN_"))
-        ]:
+        # a login shell's environment: no job of an outer SLURM, and no rendezvous settings
+        # that a test of this process (an in-process process group) may have left behind
+        leftovers = ("SLURM_JOB", "SLURM_STEP", "SBATCH_", "SRUN_", "TORCHELASTIC_")
+        launcher = {"MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
+        for key in [k for k in self.env if k.startswith(leftovers) or k in launcher]:
             del self.env[key]
         self.out_dir = out_dir
         self.jobcomp = cluster.base / "jobcomp.txt"
@@ -55,6 +58,7 @@ class Slurm:
             "--gpus-per-node=0",
             "--cpus-per-task=1",
             "--oversubscribe",
+            "--time=10",  # a bound on a job the test loses track of
             f"--output={out}",
             *opts,
             f"launch/slurm/{script}",
@@ -68,8 +72,9 @@ class Slurm:
         return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", text))
 
     def wait_state(
-        self, jid: str, states: set[str], out: Path, timeout: float = 150
+        self, jid: str, out: Path, states: set[str], timeout: float = 300
     ) -> dict[str, str]:
+        """Until the job is in one of ``states``; its ``scontrol show job`` then."""
         deadline = time.time() + timeout
         while True:
             info = self.job(jid)
@@ -81,18 +86,33 @@ class Slurm:
                 )
             time.sleep(0.5)
 
-    def wait_steps(self, jid: str, run_dir: Path, out: Path, n: int, timeout: float = 120) -> None:
+    def wait_steps(self, jid: str, out: Path, run_dir: Path, n: int, timeout: float = 300) -> None:
+        """Until the run has logged ``n`` steps (the job must stay queued or running)."""
+        self.on_steps({jid: (out, run_dir, n, lambda: None)}, timeout)
+
+    def on_steps(
+        self, runs: dict[str, tuple[Path, Path, int, Callable[[], object]]], timeout: float = 300
+    ) -> None:
+        """For runs started side by side (job id -> (output, run_dir, n, action)): until each
+        has logged its ``n`` steps, calling its action as soon as it has (pause it, signal
+        it...), so that no run trains on far past its point while the others get there."""
         deadline = time.time() + timeout
-        rows = run_dir / "metrics.jsonl"
-        while not (rows.exists() and len(rows.read_text().splitlines()) >= n):
-            state = self.job(jid)["JobState"]
-            assert state in ("PENDING", "RUNNING", "CONFIGURING"), (
-                f"job {jid} {state}:\n{output_tail(out)}"
-            )
-            assert time.time() < deadline, (
-                f"job {jid}: not {n} steps in {timeout} s:\n{output_tail(out)}"
-            )
-            time.sleep(0.2)
+        waiting = dict(runs)
+        while waiting:
+            for jid, (out, run_dir, n, action) in list(waiting.items()):
+                rows = run_dir / "metrics.jsonl"
+                if rows.exists() and len(rows.read_text().splitlines()) >= n:
+                    action()
+                    del waiting[jid]
+                    continue
+                state = self.job(jid)["JobState"]
+                assert state in ("PENDING", "RUNNING", "CONFIGURING"), (
+                    f"job {jid} {state}:\n{output_tail(out)}"
+                )
+                assert time.time() < deadline, (
+                    f"job {jid}: not {n} steps in {timeout} s:\n{output_tail(out)}"
+                )
+            time.sleep(0.1)
 
     def runs_of(self, jid: str) -> list[str]:
         """The job's ended runs from the job completion log (a requeue ends one run)."""
@@ -141,12 +161,13 @@ def paused(ranks: list[psutil.Process]):
 
 
 def cut_time_limit(slurm: Slurm, jid: str) -> None:
-    """Shorten a running job's time limit so it is inside its --signal window: the warning
-    then comes from SLURM's own time-limit check, which runs about every 30 s, so callers
-    pause the ranks until it arrives (a short run would otherwise end first on a fast machine)."""
+    """Shorten a running job's time limit to 2-3 minutes ahead, inside its --signal window
+    (submit with ``--signal=B:USR1@180``): the warning then comes from SLURM's own time-limit
+    check, which runs about every 30 s, and leaves at least 90 s before the limit itself.
+    Callers pause the ranks until it arrives (a short run would otherwise end first)."""
     elapsed = slurm.job(jid)["RunTime"]
     elapsed_min = int(elapsed.split(":")[-2]) if ":" in elapsed else 0
-    slurm.cmd("scontrol", "update", f"JobId={jid}", f"TimeLimit={elapsed_min + 1}")
+    slurm.cmd("scontrol", "update", f"JobId={jid}", f"TimeLimit={elapsed_min + 3}")
 
 
 def wait_for_warning(out: Path, timeout: float = 90) -> None:
@@ -159,30 +180,10 @@ def wait_for_warning(out: Path, timeout: float = 90) -> None:
         time.sleep(0.2)
 
 
-def job_processes(jid: str, run_dir: Path) -> list[psutil.Process]:
-    """What is left on the node of a job's last start: its slurmstepd and anything with its
-    run_dir on the command line (batch script, srun, launcher, ranks)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if f"run_dir={run_dir}" in cmd or cmd.startswith(f"slurmstepd: [{jid}."):
-            found.append(proc)
-    return found
-
-
-def release_requeued(slurm: Slurm, jid: str, run_dir: Path, out: Path) -> None:
-    """Once the job has requeued itself and its last start has left the node (a start while
-    that one's slurmstepd is still finishing fails: "could not launch batch job"): a long
-    limit again, and no begin-time wait."""
-    info = slurm.wait_state(jid, {"PENDING", "COMPLETED", "FAILED"}, out)
+def release_requeued(slurm: Slurm, jid: str, out: Path) -> None:
+    """Once the job has requeued itself: its long time limit back (cut_time_limit shortened
+    it). It starts again by itself cred_expire + 1 s later (scripts/local_slurm.py): a start
+    forced earlier (``scontrol update StartTime=now``) once failed to launch in CI."""
+    info = slurm.wait_state(jid, out, {"PENDING", "COMPLETED", "FAILED"})
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", f"{info}\n{output_tail(out)}"
-    deadline = time.time() + 20
-    while info["Reason"] != "BeginTime":  # set a moment after the requeue
-        assert time.time() < deadline, info
-        time.sleep(0.2)
-        info = slurm.job(jid)
-    deadline = time.time() + 60
-    while left := job_processes(jid, run_dir):
-        assert time.time() < deadline, [p.info["cmdline"] for p in left]
-        time.sleep(0.2)
-    slurm.cmd("scontrol", "update", f"JobId={jid}", "TimeLimit=10", "StartTime=now")
+    slurm.cmd("scontrol", "update", f"JobId={jid}", "TimeLimit=10")
