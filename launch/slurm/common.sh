@@ -14,7 +14,10 @@
 #    `scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue with the same script
 #    and arguments, and the next start resumes from run_dir/checkpoints/latest.
 #    The step in flight plus the checkpoint must fit in the lead time: raise the 120 for
-#    large models or slow file systems.
+#    large models or slow file systems. A warning that lands during start-up, before the
+#    launcher handles signals, ends the start (exit 138) and is requeued all the same; so
+#    keep the time limit minus the lead well above a start-up plus 60 s, or every start of
+#    a requeued job can end that way (seen with --time=3 --signal=B:USR1@150).
 # 3. SIGTERM (scancel, pre-emption by a higher-priority job) is forwarded the same way: the
 #    ranks checkpoint and exit, and the job is not requeued by this script. When SLURM
 #    signals every process of the step itself (proctrack/cgroup), torchrun ignores it and
