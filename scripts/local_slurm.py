@@ -127,6 +127,8 @@ def slurm_conf(base: Path, host: str, cpus: int, ctld_port: int, slurmd_port: in
     cred_expire=10 (AuthInfo): a requeued job waits cred_expire + 1 s before it starts again
     (Slurm's default is 120 s), so that the credential of its previous start, revoked on the
     node, has expired by then.
+    SchedulerParameters=sched_interval=2: the main scheduling loop tests pending jobs every
+    2 s, not 60: a requeued job starts when its begin time has passed, not up to a minute later.
     MinJobAge=600: finished jobs stay visible to ``scontrol show job`` for 10 minutes.
     OverSubscribe=YES:8: jobs submitted with ``--oversubscribe`` may share a CPU, up to 8 of
     them (the tests run nine small jobs side by side, two of them on one run_dir).
@@ -154,6 +156,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 JobRequeue=1
 ReturnToService=2

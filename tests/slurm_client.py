@@ -161,13 +161,13 @@ def paused(ranks: list[psutil.Process]):
 
 
 def cut_time_limit(slurm: Slurm, jid: str) -> None:
-    """Shorten a running job's time limit to 2-3 minutes ahead, inside its --signal window
-    (submit with ``--signal=B:USR1@180``): the warning then comes from SLURM's own time-limit
-    check, which runs about every 30 s, and leaves at least 90 s before the limit itself.
+    """Shorten a running job's time limit to 3-4 minutes ahead, inside its --signal window
+    (submit with ``--signal=B:USR1@240``): the warning then comes from SLURM's own time-limit
+    check, which runs about every 30 s, and leaves at least 150 s before the limit itself.
     Callers pause the ranks until it arrives (a short run would otherwise end first)."""
     elapsed = slurm.job(jid)["RunTime"]
     elapsed_min = int(elapsed.split(":")[-2]) if ":" in elapsed else 0
-    slurm.cmd("scontrol", "update", f"JobId={jid}", f"TimeLimit={elapsed_min + 3}")
+    slurm.cmd("scontrol", "update", f"JobId={jid}", f"TimeLimit={elapsed_min + 4}")
 
 
 def wait_for_warning(out: Path, timeout: float = 90) -> None:

@@ -51,7 +51,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 40  # the ranks are paused while a warning is on its way (cut_time_limit)
 SFT_STEPS = 30
-WARN = "--signal=B:USR1@180"  # cut_time_limit leaves 2-3 minutes: the warning is due at once
+WARN = "--signal=B:USR1@240"  # cut_time_limit leaves 3-4 minutes: the warning is due at once
 PRETRAIN = [
     "trainer.seq_len=16",
     "trainer.global_batch_size=2",
@@ -160,10 +160,7 @@ def wave(slurm, demo_data, tmp_path_factory):
         "killed": submit("pretrain.sbatch", killed_args, name="killed"),
         "bad": submit("pretrain.sbatch", bad_args, name="bad"),
     }  # fmt: skip
-    # The SFT job starts from a pretraining export, made here while those jobs start up. The
-    # held runs are paused as soon as they have trained 2 steps: the reference stays alive
-    # (and holds its lock) while its twin runs, and the pre-empted jobs wait for their
-    # warnings while the other jobs are handled. The others are signalled at their steps.
+    # The SFT job starts from a pretraining export, made here while those jobs start up.
     base = root / "base"
     export = subprocess.Popen(
         [str(BIN / "llada-pretrain"), *pretrain(demo_data, base, "trainer.max_steps=2")],
@@ -180,20 +177,27 @@ def wave(slurm, demo_data, tmp_path_factory):
         # than the save
         subprocess.run(["pkill", "-KILL", "-f", f"run_dir={dirs['killed']} "], check=True)
 
-    with contextlib.ExitStack() as hold:
+    # each held run is paused from its 2nd step until its part is done: the reference until
+    # its twin has been refused, a pre-empted run until its warning has come
+    holds = {name: contextlib.ExitStack() for name in ("reference", "preempted", "sft")}
 
-        def pause(name: str):
-            return lambda: hold.enter_context(paused(training_ranks(dirs[name])))
+    def hold(name: str, cut_limit: bool = False):
+        def act() -> None:
+            holds[name].enter_context(paused(training_ranks(dirs[name])))
+            if cut_limit:
+                cut_time_limit(slurm, jobs[name][0])
 
+        return act
+
+    try:
         slurm.on_steps({
-            **each("reference", 2, pause("reference")),
-            **each("preempted", 2, pause("preempted")),
+            **each("reference", 2, hold("reference")),
+            **each("preempted", 2, hold("preempted", cut_limit=True)),
             **each("term", 2, lambda: slurm.cmd("scancel", "--batch", "--signal=TERM", jobs["term"][0])),
             **each("scancel", 2, lambda: slurm.cmd("scancel", jobs["scancel"][0])),
             **each("killed", 12, kill_every_process),
         })  # fmt: skip
         jobs["twin"] = submit("pretrain.sbatch", pretrain(demo_data, dirs["reference"]), name="twin")  # fmt: skip
-        cut_time_limit(slurm, jobs["preempted"][0])
         log = export.communicate(timeout=300)[0]
         assert export.returncode == 0, log
         sft_args = sft(demo_data, dirs["sft"], base / "export")
@@ -205,11 +209,16 @@ def wave(slurm, demo_data, tmp_path_factory):
         jobs["again"] = submit(
             "pretrain.sbatch", [*killed_args, f"trainer.max_steps={stop}"], name="again"
         )
-        slurm.on_steps(each("sft", 2, pause("sft")))
-        cut_time_limit(slurm, jobs["sft"][0])
+        slurm.on_steps(each("sft", 2, hold("sft", cut_limit=True)))
         results["twin"] = slurm.wait_state(*jobs["twin"], {"COMPLETED", "FAILED"})
+        holds["reference"].close()
         wait_for_warning(jobs["preempted"][1])
+        holds["preempted"].close()
         wait_for_warning(jobs["sft"][1])
+        holds["sft"].close()
+    finally:
+        for h in holds.values():
+            h.close()
     release_requeued(slurm, *jobs["preempted"])
     release_requeued(slurm, *jobs["sft"])
     results["state"] = {
