@@ -25,7 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines.sft_records import write_record_files
+from data_pipelines.sft_records import (
+    add_template_arguments,
+    template_from_args,
+    write_record_files,
+)
 from data_pipelines.sources import SourceSpec, add_input_arguments, describe_sources, iter_rows
 from llada_train.atomic import write_json_atomic
 from llada_train.chat import ChatEncoder, ChatTemplate, validate_messages
@@ -201,11 +205,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         ap.add_argument(f"--{name}-field", default=name, help=f"field of the {name}")
     ap.add_argument("--system", default=None, help="system message before a string prompt")
     ap.add_argument("--max-length", type=int, default=None, help="longest record in tokens")
-    ap.add_argument("--eos-token", default=None, help="EOS (padding) token string")
-    ap.add_argument("--bos-token", default=ChatTemplate.bos)
-    ap.add_argument("--header-start", default=ChatTemplate.header_start)
-    ap.add_argument("--header-end", default=ChatTemplate.header_end)
-    ap.add_argument("--eot-token", default=ChatTemplate.eot)
+    add_template_arguments(ap)
     return ap
 
 
@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     source = SourceSpec(
         inputs=a.input, dataset=a.dataset, dataset_config=a.dataset_config, split=a.split
     )
-    template = ChatTemplate(
-        bos=a.bos_token, header_start=a.header_start, header_end=a.header_end, eot=a.eot_token
-    )
+    template = template_from_args(a)
     spec = PreferenceSpec(
         a.prompt_field,
         a.messages_field,

@@ -175,6 +175,22 @@ def build_records(
     return manifest
 
 
+def add_template_arguments(ap: argparse.ArgumentParser) -> None:
+    """The chat template's tokens and the EOS, shared by the record builders."""
+    ap.add_argument("--eos-token", default=None, help="EOS (padding) token string")
+    ap.add_argument("--bos-token", default=ChatTemplate.bos)
+    ap.add_argument("--header-start", default=ChatTemplate.header_start)
+    ap.add_argument("--header-end", default=ChatTemplate.header_end)
+    ap.add_argument("--eot-token", default=ChatTemplate.eot)
+
+
+def template_from_args(a: argparse.Namespace) -> ChatTemplate:
+    """The ChatTemplate of :func:`add_template_arguments`' flags."""
+    return ChatTemplate(
+        bos=a.bos_token, header_start=a.header_start, header_end=a.header_end, eot=a.eot_token
+    )
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """Arguments of ``llada-sft-data``."""
     ap = argparse.ArgumentParser(prog="llada-sft-data", description=__doc__.splitlines()[0])
@@ -209,11 +225,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         choices=["drop", "truncate"],
         help="what happens to longer records",
     )
-    ap.add_argument("--eos-token", default=None, help="EOS (padding) token string")
-    ap.add_argument("--bos-token", default=ChatTemplate.bos)
-    ap.add_argument("--header-start", default=ChatTemplate.header_start)
-    ap.add_argument("--header-end", default=ChatTemplate.header_end)
-    ap.add_argument("--eot-token", default=ChatTemplate.eot)
+    add_template_arguments(ap)
     return ap
 
 
@@ -222,9 +234,7 @@ def specs_from_args(a: argparse.Namespace) -> tuple[SourceSpec, str, str, Record
     source = SourceSpec(
         inputs=a.input, dataset=a.dataset, dataset_config=a.dataset_config, split=a.split
     )
-    template = ChatTemplate(
-        bos=a.bos_token, header_start=a.header_start, header_end=a.header_end, eot=a.eot_token
-    )
+    template = template_from_args(a)
     # every RecordSpec field but the template is a flag of the same name
     flags = {f.name: getattr(a, f.name) for f in fields(RecordSpec) if f.name != "template"}
     spec = RecordSpec(**flags, template=template)

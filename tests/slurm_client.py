@@ -86,10 +86,6 @@ class Slurm:
                 )
             time.sleep(0.5)
 
-    def wait_steps(self, jid: str, out: Path, run_dir: Path, n: int, timeout: float = 300) -> None:
-        """Until the run has logged ``n`` steps (the job must stay queued or running)."""
-        self.on_steps({jid: (out, run_dir, n, lambda: None)}, timeout)
-
     def on_steps(
         self, runs: dict[str, tuple[Path, Path, int, Callable[[], object]]], timeout: float = 300
     ) -> None:

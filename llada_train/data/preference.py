@@ -23,7 +23,7 @@ from llada_train.data.manifest import (
     manifest_path,
     read_json,
 )
-from llada_train.data.sft import SFTRecords, collate_sft
+from llada_train.data.sft import SFTRecords, check_records_eos, collate_sft, records_reader
 from llada_train.data.stream import ReaderInfo, StreamReader
 from llada_train.errors import LladaError
 
@@ -109,11 +109,7 @@ def build_preference_reader(
 ) -> tuple[StreamReader, ReaderInfo]:
     """This rank's endless pair batches (micro-batch = pairs) and the data's info."""
     m = load_preference_manifest(cfg.path, cfg, vocab_size, cfg.verify_checksums)
-    if m.get("eos_id") is not None and int(m["eos_id"]) != eos_token_id:
-        raise LladaError(
-            f"EOS mismatch in preference records {cfg.path}: records use EOS id {m['eos_id']}, "
-            f"the model {eos_token_id}: set model.eos_token_id to the tokenizer's EOS or rebuild"
-        )
+    check_records_eos(m, eos_token_id, f"preference records {cfg.path}")
     pairs = PreferencePairs(
         manifest_path(cfg.path).parent,
         m,
@@ -121,17 +117,8 @@ def build_preference_reader(
         max(1, cfg.pad_to_multiple_of),
         cfg.pad_to_length,
     )
-    reader = StreamReader(
-        pairs,
-        sizes=[pairs.num_pairs],
-        weights=[1.0],
-        batch=micro_batch_size,
-        seed=seed,
-        rank=rank,
-        world=world_size,
-        num_workers=cfg.num_workers,
-        prefetch_factor=cfg.prefetch_factor,
-        identity={"kind": "preference", "records_sha256": m["files"]["tokens"].get("sha256")},
+    reader = records_reader(
+        pairs, pairs.num_pairs, "preference", m, cfg, micro_batch_size, seed, rank, world_size
     )
     info = ReaderInfo(
         vocab_size=int(m["vocab_size"]), num_records=pairs.num_pairs, manifests=[m], validation=None

@@ -161,6 +161,42 @@ def _record_source(records: SFTRecords, first: int, where: str) -> ValidationSou
     return ValidationSource(records.num_records - first, read, where)
 
 
+
+def check_records_eos(manifest: dict[str, Any], eos_token_id: int, what: str) -> None:
+    """Records padded with one EOS id cannot train a model whose EOS is another."""
+    if manifest.get("eos_id") is not None and int(manifest["eos_id"]) != eos_token_id:
+        raise LladaError(
+            f"EOS mismatch in {what}: records use EOS id {manifest['eos_id']}, the model "
+            f"{eos_token_id}: set model.eos_token_id to the tokenizer's EOS or rebuild the records"
+        )
+
+
+def records_reader(
+    source: Any,
+    size: int,
+    kind: str,
+    manifest: dict[str, Any],
+    cfg: SFTDataConfig,
+    micro_batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> StreamReader:
+    """This rank's endless batches of the first ``size`` items of one record source (SFT
+    records or preference pairs); its identity ties a resumed run to the same records."""
+    return StreamReader(
+        source,
+        sizes=[size],
+        weights=[1.0],
+        batch=micro_batch_size,
+        seed=seed,
+        rank=rank,
+        world=world_size,
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor,
+        identity={"kind": kind, "records_sha256": manifest["files"]["tokens"].get("sha256")},
+    )
+
 def build_sft_reader(
     cfg: SFTDataConfig,
     micro_batch_size: int,
@@ -174,11 +210,7 @@ def build_sft_reader(
     its info (``num_records``, ``vocab_size``, the manifest). ``reader.epoch`` counts passes.
     ``vocab_size`` (the model's): records made with a larger vocabulary are refused."""
     m = _records_manifest(cfg.path, cfg, vocab_size, cfg.verify_checksums)
-    if m.get("eos_id") is not None and int(m["eos_id"]) != eos_token_id:
-        raise LladaError(
-            f"EOS mismatch in SFT records {cfg.path}: records use EOS id {m['eos_id']}, the model {eos_token_id}: "
-            "set model.eos_token_id to the tokenizer's EOS or rebuild the records"
-        )
+    check_records_eos(m, eos_token_id, f"SFT records {cfg.path}")
     records = SFTRecords(
         manifest_path(cfg.path).parent,
         m,
@@ -194,18 +226,9 @@ def build_sft_reader(
     else:
         first = records.num_records - held
         validation = _record_source(records, first, cfg.path) if held else None
-    reader = StreamReader(
-        records,
-        # the held-out last records lie past the size the reader walks: training never sees them
-        sizes=[records.num_records - held],
-        weights=[1.0],
-        batch=micro_batch_size,
-        seed=seed,
-        rank=rank,
-        world=world_size,
-        num_workers=cfg.num_workers,
-        prefetch_factor=cfg.prefetch_factor,
-        identity={"kind": "sft", "records_sha256": m["files"]["tokens"].get("sha256")},
+    # the held-out last records lie past the size the reader walks: training never sees them
+    reader = records_reader(
+        records, records.num_records - held, "sft", m, cfg, micro_batch_size, seed, rank, world_size
     )
     info = ReaderInfo(
         vocab_size=int(m["vocab_size"]),

@@ -24,6 +24,13 @@ EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)
 STACKED = re.compile(r"^(.*\.moe)\.(gate|up|down)_proj$")
 
 
+def config_read(cfg: ModelConfig | None, source: str) -> ModelConfig:
+    """A MoE adapter's config, which its weight mapping needs (expert count, head sizes)."""
+    if cfg is None:
+        raise LladaError(f"{source}: read config.json (model_config) before the weights")
+    return cfg
+
+
 def stack_experts(
     hf: dict[str, torch.Tensor], num_experts: int, source: str
 ) -> dict[str, torch.Tensor]:
@@ -153,14 +160,9 @@ class LLaDA2MoeAdapter(StateDictAdapter):
         )
         return self.cfg
 
-    def _require_cfg(self) -> ModelConfig:
-        if self.cfg is None:
-            raise LladaError(f"{self.source}: read config.json (model_config) before the weights")
-        return self.cfg
-
     def to_ours(self, hf: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
         """Our state dict: q/k/v split from the fused rows, experts stacked, checked."""
-        cfg = self._require_cfg()
+        cfg = config_read(self.cfg, self.source)
         hf = stack_experts(hf, cfg.num_experts, self.source) if cfg.num_experts else dict(hf)
         sizes = [n * cfg.head_dim for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
         for name in [n for n in hf if f".{self.qkv}." in n]:
@@ -180,7 +182,7 @@ class LLaDA2MoeAdapter(StateDictAdapter):
     def from_ours(self, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The released layout: fused q/k/v, shared experts named as such, per-expert tensors
         (``per_expert``) or dFactory's stacked ones."""
-        cfg = self._require_cfg()
+        cfg = config_read(self.cfg, self.source)
         hf = super().from_ours(ours)
         for i in range(cfg.n_layers):
             prefix = LAYER.format(i)

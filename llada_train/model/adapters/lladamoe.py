@@ -16,7 +16,12 @@ import torch
 
 from llada_train.errors import LladaError
 from llada_train.model.adapters.base import StateDictAdapter, common_config
-from llada_train.model.adapters.llada2_moe import check_moe_experts, stack_experts, unstack_experts
+from llada_train.model.adapters.llada2_moe import (
+    check_moe_experts,
+    config_read,
+    stack_experts,
+    unstack_experts,
+)
 from llada_train.model.config import ModelConfig
 
 LAYER = "model.layers.{}."
@@ -99,14 +104,9 @@ class LLaDAMoEAdapter(StateDictAdapter):
         )
         return self.cfg
 
-    def _require_cfg(self) -> ModelConfig:
-        if self.cfg is None:
-            raise LladaError(f"{self.source}: read config.json (model_config) before the weights")
-        return self.cfg
-
     def to_ours(self, hf: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
         """Our state dict: experts stacked and checked against the config."""
-        cfg = self._require_cfg()
+        cfg = config_read(self.cfg, self.source)
         hf = stack_experts(hf, cfg.num_experts, self.source) if cfg.num_experts else hf
         ours = super().to_ours(hf, tied)
         check_moe_experts(ours, cfg, self.source)
@@ -114,7 +114,7 @@ class LLaDAMoEAdapter(StateDictAdapter):
 
     def from_ours(self, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The released layout (per-expert tensors unless ``per_expert=False``)."""
-        cfg = self._require_cfg()
+        cfg = config_read(self.cfg, self.source)
         hf = super().from_ours(ours)
         for i in range(cfg.n_layers):
             if cfg.is_moe_layer(i):
