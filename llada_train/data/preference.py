@@ -17,13 +17,18 @@ import torch
 
 from llada_train.data.config import SFTDataConfig
 from llada_train.data.manifest import (
-    check_file,
     check_tokenizer,
     check_vocab,
     manifest_path,
     read_json,
 )
-from llada_train.data.sft import SFTRecords, check_records_eos, collate_sft, records_reader
+from llada_train.data.sft import (
+    SFTRecords,
+    check_record_files,
+    check_records_eos,
+    collate_sft,
+    records_reader,
+)
 from llada_train.data.stream import ReaderInfo, StreamReader
 from llada_train.errors import LladaError
 
@@ -41,14 +46,7 @@ def load_preference_manifest(
             f"{mpath} is not a preference records manifest (format "
             f"{m.get('format')!r}): build the records with llada-preference-data"
         )
-    for f in m["files"].values():
-        check_file(
-            mpath.parent / f["file"],
-            int(f["num_items"]),
-            np.dtype(f["dtype"]),
-            f.get("sha256") if verify_checksums else None,
-            "preference records file",
-        )
+    check_record_files(mpath, m, verify_checksums, "preference records file")
     if m["files"]["offsets"]["num_items"] != 2 * m["num_pairs"] + 1:
         raise LladaError(f"{mpath}: offsets do not match num_pairs; rebuild the records")
     check_tokenizer(m, cfg.tokenizer, f"in preference records {path}")

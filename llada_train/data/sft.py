@@ -90,6 +90,18 @@ class SFTRecords:
             )
 
 
+def check_record_files(mpath: Path, m: dict[str, Any], verify_checksums: bool, what: str) -> None:
+    """Every file a records manifest lists exists with its size (and sha256 when asked)."""
+    for f in m["files"].values():
+        check_file(
+            mpath.parent / f["file"],
+            int(f["num_items"]),
+            np.dtype(f["dtype"]),
+            f.get("sha256") if verify_checksums else None,
+            what,
+        )
+
+
 def load_sft_manifest(path: str | Path, verify_checksums: bool = False) -> dict[str, Any]:
     """The records manifest after checking its files (existence, sizes, optional sha256)."""
     mpath = manifest_path(path)
@@ -98,14 +110,7 @@ def load_sft_manifest(path: str | Path, verify_checksums: bool = False) -> dict[
         raise LladaError(
             f"{mpath} is not an SFT records manifest: build records with llada-sft-data"
         )
-    for f in m["files"].values():
-        check_file(
-            mpath.parent / f["file"],
-            int(f["num_items"]),
-            np.dtype(f["dtype"]),
-            f.get("sha256") if verify_checksums else None,
-            "SFT records file",
-        )
+    check_record_files(mpath, m, verify_checksums, "SFT records file")
     if m["files"]["offsets"]["num_items"] != m["num_records"] + 1:
         raise LladaError(f"{mpath}: offsets do not match num_records; rebuild the records")
     return m
