@@ -4,6 +4,7 @@
 
     corpus/part-*.txt   generated documents, one per line
     chat.jsonl          generated dialogues ({"messages": [...]})
+    rl_prompts.jsonl    more dialogues of another seed: llada-rl's prompts (the last answer is gold)
     tokenizer.json      byte-level BPE, vocab 512, specials at ids 0..5 (+ HF config files)
     shards/             manifest.json + token shards (pre-training data)
     sft/                SFT records built from chat.jsonl
@@ -26,6 +27,8 @@ from data_pipelines.tokenize import tokenize_to_shards
 from data_pipelines.train_tokenizer import save_tokenizer, train_bpe
 from llada_train.atomic import write_json_atomic
 from llada_train.errors import exit_on_error
+
+RL_SEED_OFFSET = 7919  # rl_prompts.jsonl's seed = seed + this (not the SFT set's, not the report's)
 
 
 def prepare_demo(
@@ -53,13 +56,17 @@ def prepare_demo(
     if answers != "sentence":  # the default leaves demo.json as before: old folders stay reusable
         settings["answers"] = answers
     marker = out / "demo.json"
+    rl_prompts = out / "rl_prompts.jsonl"
     if not force and marker.is_file():
         done = json.loads(marker.read_text())
         if done.get("settings") == settings:
+            if not rl_prompts.is_file():  # a folder built before llada-rl
+                demo_corpus.write_chat(rl_prompts, dialogues, seed + RL_SEED_OFFSET, answers)
             return done
     t0 = time.perf_counter()
     files = demo_corpus.write_corpus(out / "corpus", documents, seed)
     chat = demo_corpus.write_chat(out / "chat.jsonl", dialogues, seed, answers)
+    demo_corpus.write_chat(rl_prompts, dialogues, seed + RL_SEED_OFFSET, answers)
     # train on documents and chat contents so question words get merges too; always on the
     # sentence answers (whose words hold the short ones'), so both styles share one tokenizer
     dialogs = demo_corpus.generate_dialogues(dialogues, seed)

@@ -16,7 +16,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from llada_train.data.config import PretrainDataConfig, SFTDataConfig
+from llada_train.data.prompts import PromptDataConfig
 from llada_train.diffusion.losses import ObjectiveConfig
+from llada_train.eval.decode import DecodeConfig, register_decode_schemas
 from llada_train.model.config import ModelConfig
 from llada_train.model.lora import PeftConfig
 from llada_train.train.distributed import DeepSpeedConfig
@@ -30,6 +32,7 @@ __all__ = [
     "LoggingConfig",
     "OptimConfig",
     "PretrainConfig",
+    "RLConfig",
     "RunConfig",
     "SFTConfig",
     "TrainerConfig",
@@ -74,11 +77,21 @@ class SFTConfig(RunConfig):
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
 
 
+@dataclass
+class RLConfig(RunConfig):
+    """Root of ``conf/rl.yaml``: prompts with rewards, and the rollouts' sampler."""
+
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    decode: DecodeConfig = MISSING  # a conf/decode option: decode=<method>
+
+
 def register_configs() -> None:
     """Register the schemas that ``conf/*.yaml`` name in their defaults lists."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="sft_schema", node=SFTConfig)
+    cs.store(name="rl_schema", node=RLConfig)
+    register_decode_schemas()  # rl.yaml's decode group
 
 
 def to_container(cfg: Any) -> dict:

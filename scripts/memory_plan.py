@@ -22,6 +22,16 @@ shared one, and its k sorted copies), and the communication per micro-step of Ze
 parameter all-gathered in forward and again in backward, gradients reduce-scattered: 6 bytes
 per parameter) against expert parallelism (experts stay put; ZeRO on the rest, plus two
 all-to-alls of k x d bf16 per token per MoE layer, forward and backward).
+
+Post-training rows (``--post-train``, llada-dpo's VRPO): a micro-batch of B pairs runs
+2 B n sequences (chosen and rejected, n = ``--elbo-samples`` ELBO draws each) through the
+policy with gradients; the reference pass runs first without gradients and frees its
+activations, so only its weights are added: ``objective.reference=frozen_copy`` is one bf16
+copy of the whole model per rank at every ZeRO stage (loaded beside the engine, never
+sharded), ``lora_base`` (peft=lora) is the policy with its adapters off, 0 bytes. Full
+fine-tuning's policy: 16 bytes/param by ZeRO stage. LoRA's: the frozen bf16 base (2
+bytes/param, sharded only by ZeRO-3, whose frozen head stays gathered on every rank) plus 16
+bytes per adapter parameter (A: r x in, B: out x r for each conf/peft/lora.yaml target).
 """
 
 from __future__ import annotations
@@ -107,6 +117,79 @@ def largest_micro_batch(s: Shape, stage: int, gpus: int, seq: int, ckpt: str, co
     return str(max(fits)) if fits else "-"
 
 
+LORA_YAML = REPO / "conf/peft/lora.yaml"
+HEAD = "model.transformer.ff_out"  # a LoRA target by full name (the output head)
+
+
+def lora_targets() -> list[str]:
+    """``peft.target_modules`` of conf/peft/lora.yaml (the block Linears by default)."""
+    return yaml.safe_load(LORA_YAML.read_text())["target_modules"]
+
+
+def lora_params(s: Shape, r: int, targets: list[str]) -> int:
+    """LoRA parameters: r x (in + out) per targeted Linear, every block's (and the head's)."""
+    hd = s.d // s.heads
+    q, kv = s.heads * hd, s.kv_heads * hd
+    block = {"q_proj": (s.d, q), "k_proj": (s.d, kv), "v_proj": (s.d, kv), "attn_out": (q, s.d),
+             "ff_proj": (s.d, s.mlp), "up_proj": (s.d, s.mlp), "ff_out": (s.mlp, s.d)}
+    unknown = [t for t in targets if t not in block and t != HEAD]
+    if unknown:
+        sys.exit(f"error: {LORA_YAML}: target {unknown[0]!r} has no shape here; use {list(block)}")
+    per_block = sum(r * sum(block[t]) for t in targets if t in block)
+    return s.layers * per_block + (r * (s.d + s.vocab) if HEAD in targets else 0)
+
+
+def post_states_gb(s: Shape, stage: int, gpus: int, lora_r: int, reference: str) -> tuple[float, float]:
+    """(policy's model states, reference weights) GB per GPU; ``lora_r`` 0 is full fine-tuning."""
+    if lora_r:
+        head = 2 * s.d * s.vocab  # frozen bf16 head: gathered once fetched under ZeRO-3 (lora.py)
+        base = 2 * s.params / gpus + head * (1 - 1 / gpus) if stage == 3 else 2 * s.params
+        policy = base / GB + model_states_gb(lora_params(s, lora_r, lora_targets()), stage, gpus)
+    else:
+        policy = model_states_gb(s.params, stage, gpus)
+    return policy, (2 * s.params / GB if reference == "frozen_copy" else 0.0)
+
+
+def post_plan(s: Shape, stage: int, gpus: int, seq: int, pairs: int, lora_r: int, reference: str,
+              samples: int, chunk_rows: int) -> float:
+    """GB per GPU of a VRPO step: compiled blocks, full checkpointing, chunked loss, +10%."""
+    rows = 2 * pairs * samples  # sequences through the policy, with gradients
+    policy, ref = post_states_gb(s, stage, gpus, lora_r, reference)
+    acts = activations_gb(s, seq, rows, "full", True) + loss_gb(s, seq, rows, chunk_rows)
+    return 1.1 * (policy + ref + acts)
+
+
+def largest_pairs(s: Shape, stage: int, gpus: int, seq: int, lora_r: int, reference: str,
+                  samples: int, chunk_rows: int, capacity_gb: float) -> str:
+    """The largest micro-batch of 1-16 pairs under 95% of ``capacity_gb``, or '-'."""
+    fits = [b for b in range(1, 17) if post_plan(s, stage, gpus, seq, b, lora_r, reference, samples,
+                                                 chunk_rows) < 0.95 * capacity_gb]
+    return str(max(fits)) if fits else "-"
+
+
+def print_post_training(models: list[Path], gpus: int, seq: int, chunk_rows: int, lora_r: int,
+                        samples: int) -> None:
+    """The VRPO table: the reference's memory (frozen_copy vs lora_base), full and LoRA."""
+    print(f"\nPost-training, VRPO (seq {seq}, {gpus} GPUs, {samples} ELBO samples per response, "
+          "compiled blocks, full checkpointing, chunked loss; micro-batches count pairs). LoRA "
+          f"r={lora_r} on {', '.join(lora_targets())} (conf/peft/lora.yaml):\n")
+    print("| model | tuning | ZeRO | reference | policy states GB | reference GB | GB at 1 pair | "
+          "H100 80 GB pairs | H200 141 GB pairs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for path in models:
+        s = Shape.from_yaml(path)
+        # lora_base needs adapters to switch off, so full fine-tuning has only the frozen copy
+        rows = [(0, "full", "frozen_copy")]
+        rows += [(lora_r, f"LoRA r={lora_r}", ref) for ref in ("frozen_copy", "lora_base")]
+        for r, tuning, ref in rows:
+            for stage in (1, 2, 3):
+                policy, ref_gb = post_states_gb(s, stage, gpus, r, ref)
+                gb = post_plan(s, stage, gpus, seq, 1, r, ref, samples, chunk_rows)
+                fit = [largest_pairs(s, stage, gpus, seq, r, ref, samples, chunk_rows, c) for c in (80, 141)]
+                print(f"| {s.name} ({s.params / 1e9:.2f}B) | {tuning} | {stage} | {ref} | {policy:.1f} | "
+                      f"{ref_gb:.1f} | {gb:.0f} | {fit[0]} | {fit[1]} |")
+
+
 # config.json values: LLaDA2.0-mini from dFactory's configs/model_configs/llada2_mini/config.json;
 # LLaDA-MoE-7B-A1B from a secondary copy of its Hub config (check against the Hub's config.json)
 MOE_MODELS: dict[str, dict] = {
@@ -184,6 +267,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--chunk-rows", type=int, default=1024, help="the loss path's chunk of rows")
     ap.add_argument("--moe", action="store_true", help="also the mixture-of-experts table")
+    ap.add_argument("--post-train", action="store_true",
+                    help="also the VRPO table: frozen_copy vs lora_base reference, full and LoRA")
+    ap.add_argument("--lora-r", type=int, default=128, help="the post-training table's LoRA rank")
+    ap.add_argument("--elbo-samples", type=int, default=8,
+                    help="VRPO's ELBO samples per response (objective.elbo_timesteps x masks)")
     args = ap.parse_args()
     models = args.model or [REPO / "conf/model/llada_1b.yaml", REPO / "conf/model/llada_8b.yaml"]
     print(f"Seq {args.seq}, {args.gpus} GPUs, bf16. 'old' = eager blocks + full-logits loss; 'new' ="
@@ -209,6 +297,8 @@ def main() -> None:
                 print(f"| {s.name} ({s.params / 1e9:.2f}B) | {stage} | {ckpt} | " + " | ".join(cells) + " |")
     if args.moe:
         print_moe(args.gpus, args.seq, args.chunk_rows)
+    if args.post_train:
+        print_post_training(models, args.gpus, args.seq, args.chunk_rows, args.lora_r, args.elbo_samples)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,24 @@ def test_moe_bench_smoke_prints_every_row():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x |" in line]
     assert rows[0].startswith("| dense |") and rows[0].endswith("| 1.00x |")
     assert any(r.startswith("| moe loop |") for r in rows)
+
+
+@pytest.mark.slow
+def test_post_train_quick_runs_every_arm_and_writes_the_table(tmp_path):
+    """benchmarks/post_train.py --quick: held-out questions, pairs, the three arms' runs, the
+    bootstrap table (an untrained model: the numbers are not the point, the wiring is)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "post_train.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled"),
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads((tmp_path / "post_train.json").read_text())
+    assert set(result["arms"]) == {"sft", "vrpo", "espo"}
+    for arm, r in result["arms"].items():
+        assert 0.0 <= r["lo"] <= r["acc"] <= r["hi"] <= 1.0 and r["wall_s"] > 0, arm
+    assert len(result["arms"]["espo"]["reward_curve"]) == 2  # one value per update
+    table = (tmp_path / "post_train.md").read_text()
+    assert all(f"| {arm} |" in table for arm in ("sft", "vrpo", "espo"))
+    for arm in ("sft", "vrpo", "espo"):  # each arm trained and exported its model
+        assert (tmp_path / arm / "seed_0" / "export" / "config.json").is_file()

@@ -18,7 +18,7 @@ ROOTS = sorted(p.stem for p in CONF.glob("*.yaml"))
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 # the roots a group's options compose with: any one of them (a data option fits one kind of
 # run), or every one of them (a decode option serves both inference entry points)
-ROOT_OF_GROUP = {"data": ("pretrain", "sft"), "decode": ("generate", "eval")}
+ROOT_OF_GROUP = {"data": ("pretrain", "sft", "rl"), "decode": ("generate", "eval", "rl")}
 EVERY_ROOT = {"decode"}
 
 register_configs()

@@ -47,10 +47,10 @@ def released_folder(tmp: Path, kind: str, per_expert: bool = True) -> tuple[Path
     model = LLaDAModel(adapter.model_config(hf_cfg))
     model.init_weights(torch.Generator().manual_seed(0))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, b in model.named_buffers():  # the expert biases are fp32 buffers
             if name.endswith("expert_bias"):
-                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
-    released = adapter.from_ours({n: p.detach().clone() for n, p in model.named_parameters()})
+                b.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    released = adapter.from_ours({n: t.clone() for n, t in model.state_dict().items()})
     folder = tmp / f"{kind}_released"
     folder.mkdir()
     names = sorted(released)

@@ -107,7 +107,7 @@ def score_variance(
         loss_chunk_rows=0,
     )
     objective = VRPOObjective(cfg, MASK)
-    objective._frozen = reference  # the frozen copy, without a folder
+    objective.reference._frozen = reference  # the frozen copy, without a folder
     with torch.no_grad():
         score = objective.scores(policy, repeated_pair_batch(pairs), NoiseKey(0, 0)).score
     return float(score.var())
@@ -162,7 +162,7 @@ def test_loss_is_log2_when_the_policy_is_the_reference(base_folder):
     out.loss.backward()  # the policy's ELBOs carry gradients; the reference's do not
     assert all(p.grad is not None for p in policy.parameters())
     assert all(
-        p.grad is None for p in objective.frozen_copy(policy, torch.device("cpu")).parameters()
+        p.grad is None for p in objective.reference.frozen_copy(policy, torch.device("cpu")).parameters()
     )
 
 
@@ -190,7 +190,7 @@ def test_draws_are_keyed_by_pair_not_by_batch(trained):
     """A pair's score is the same alone or beside another pair, its draws the same padded
     longer or not; another step draws anew."""
     objective = VRPOObjective(ObjectiveConfig(name="vrpo", loss_chunk_rows=0), MASK)
-    objective._frozen = with_queries_scaled(trained, 0.5)
+    objective.reference._frozen = with_queries_scaled(trained, 0.5)
     both = repeated_pair_batch(2)
     both["sample_index"] = torch.tensor([10, 11])
     alone = {

@@ -1,8 +1,9 @@
-"""``llada-dpo``'s ``run_dpo`` end to end under ZeRO-2: VRPO steps on the demo's chat pairs (the
-right answer against another question's answer). One run of two steps serves log 2 and zero
-reward margins on the first step and the logged preference metrics; a second run, resumed in
-another process from that run's step-1 checkpoint, redoes step 2 exactly; bad runs stop with
-one line.
+"""``llada-dpo``'s ``run_dpo`` end to end: VRPO steps on the demo's chat pairs (the right answer
+against another question's answer). One run of two steps serves log 2 and zero reward margins
+on the first step and the logged preference metrics; a second run, resumed in another process
+from that run's step-1 checkpoint, redoes step 2 exactly. So under ZeRO-2 (one process), and
+under ZeRO-3 on two ranks with either reference (the frozen copy, the LoRA base); bad runs
+stop with one line.
 
 Each run is ``python -m llada_train.cli.dpo`` in its own process, as a user starts it (a
 run in a fork of the test process can deadlock on a lock another thread held at the fork)."""
@@ -26,7 +27,7 @@ from data_pipelines.sources import SourceSpec
 from llada_train.model import LLaDAModel, save_pretrained
 from llada_train.model.config import ModelConfig
 from tests.conftest import REPO
-from tests.launch_utils import launch_env, metrics
+from tests.launch_utils import launch_env, metrics, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 STEPS = 2  # checkpoints at both; the resumed run redoes step 2 from step 1's
@@ -72,6 +73,8 @@ def pairs(demo_data, tmp_path_factory):
 
 
 def dpo_args(run_dir, base, pairs, demo_data, *extra: str) -> list[str]:
+    """The runs' overrides; ZeRO-2 unless ``extra`` names a ``deepspeed=`` (Hydra refuses two)."""
+    stage = [] if any(e.startswith("deepspeed=") for e in extra) else ["deepspeed=zero2"]
     return [
         f"run_dir={run_dir}",
         f"init_from={base}",
@@ -86,7 +89,7 @@ def dpo_args(run_dir, base, pairs, demo_data, *extra: str) -> list[str]:
         "schedule.warmup_steps=1",
         "objective.elbo_timesteps=4",
         "objective.loss_chunk_rows=64",
-        "deepspeed=zero2",
+        *stage,
         "logging.log_every=1",
         "logging.progress_bar=false",
         "trainer.export_at_end=false",
@@ -94,26 +97,37 @@ def dpo_args(run_dir, base, pairs, demo_data, *extra: str) -> list[str]:
     ]
 
 
-def run_dpo(overrides: list[str], log: Path, timeout_s: float = 300) -> tuple[int, str]:
-    """``python -m llada_train.cli.dpo overrides`` as a user runs it: (exit code, output)."""
-    proc = subprocess.run([sys.executable, "-m", "llada_train.cli.dpo", *overrides], cwd=REPO,
-                          env=launch_env(), capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+def run_dpo(
+    overrides: list[str], log: Path, nproc: int = 1, timeout_s: float = 300
+) -> tuple[int, str]:
+    """``python -m llada_train.cli.dpo overrides`` as a user runs it, or under ``torchrun`` with
+    ``nproc`` > 1 ranks: (exit code, output)."""
+    module = "llada_train.cli.dpo"
+    cmd = (
+        [sys.executable, "-m", module, *overrides]
+        if nproc == 1
+        else torchrun_cmd(module, overrides, nproc)
+    )
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout_s
+    )
     out = proc.stdout + proc.stderr
     log.write_text(out)
     return proc.returncode, out
 
 
-def test_vrpo_trains_from_log2_logs_its_metrics_and_resumes_exactly(
-    base, pairs, demo_data, tmp_path
-):
+def train_and_resume(data: tuple, tmp_path: Path, *extra: str, nproc: int = 1) -> None:
+    """Two steps from the reference (step 1: loss log 2, zero margins), the logged preference
+    metrics consistent, then step 2 again, resumed in a new launch from step 1's checkpoint:
+    its loss and preference metrics must be the same."""
     full = tmp_path / "full"
     steps = f"trainer.max_steps={STEPS}"
-    data = (base, pairs, demo_data)
-    code, out = run_dpo(dpo_args(full, *data, steps, "trainer.save_every=1"), tmp_path / "a")
+    args = (*data, steps, *extra)
+    code, out = run_dpo(dpo_args(full, *args, "trainer.save_every=1"), tmp_path / "a", nproc)
     assert code == 0, out[-3000:]
     rows = metrics(full)
     losses = [m["loss"] for m in rows]
-    print(f"VRPO losses: {', '.join(f'{x:.4f}' for x in losses)}")
+    print(f"VRPO losses ({nproc} ranks {' '.join(extra)}): {', '.join(f'{x:.4f}' for x in losses)}")
     assert len(losses) == STEPS and abs(losses[0] - math.log(2)) < 1e-5  # policy = reference
     assert abs(losses[1] - math.log(2)) > 1e-4  # the first update moved the policy
     first, second = rows[0], rows[1]
@@ -128,12 +142,33 @@ def test_vrpo_trains_from_log2_logs_its_metrics_and_resumes_exactly(
     shutil.copytree(full / "checkpoints", resumed / "checkpoints")
     shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:08d}")
     (resumed / "checkpoints" / "latest").write_text(f"step_{STEPS - 1:08d}")
-    code, out = run_dpo(dpo_args(resumed, *data, steps), tmp_path / "b")
+    code, out = run_dpo(dpo_args(resumed, *args), tmp_path / "b", nproc)
     assert code == 0 and "resumed from" in out, out[-3000:]
     again = metrics(resumed)
     assert [m["step"] for m in again] == [STEPS]
     for key in ("loss", *PREFERENCE_METRICS):
         assert again[0][key] == pytest.approx(second[key], rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize(
+    ("nproc", "extra"),
+    [
+        (1, []),  # ZeRO-2, the frozen copy
+        # the frozen copy, a plain module beside the partitioned policy
+        (2, ["deepspeed=zero3"]),
+        # the reference is the partitioned policy itself with its adapters switched off
+        (2, ["deepspeed=zero3", "peft=lora", "objective.reference=lora_base"]),
+    ],
+    ids=["zero2-frozen_copy", "zero3-2ranks-frozen_copy", "zero3-2ranks-lora_base"],
+)
+def test_vrpo_trains_from_log2_logs_its_metrics_and_resumes_exactly(
+    base, pairs, demo_data, tmp_path, nproc, extra
+):
+    """ZeRO-3 on two ranks, not one: each rank holds half of every partitioned weight, and
+    the ranks' pairs differ, so do their masked-row counts, and the partitioned head's chunk
+    count must be agreed between them (``chunked_log_probs``). A step-2 loss of log 2 would
+    mean the reference followed the policy (adapters left on, or the copy not frozen)."""
+    train_and_resume((base, pairs, demo_data), tmp_path, *extra, nproc=nproc)
 
 
 @pytest.mark.parametrize(

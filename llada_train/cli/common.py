@@ -198,6 +198,23 @@ def preflight(cfg: DictConfig, world_size: int, check: StartCheck | None = None)
     return Preflight(model_cfg, trainer_cfg, optim_cfg, ds_cfg, ds_json)
 
 
+def check_post_training(cfg: DictConfig, entry: str, objective: str, purpose: str) -> None:
+    """What llada-dpo and llada-rl both need: a starting model, their own objective, and
+    LoRA when the reference is the LoRA base."""
+    if not cfg.init_from:
+        raise LladaError(f"{entry} needs init_from=<model folder> (the SFT model to {purpose})")
+    if cfg.objective.name != objective:
+        raise LladaError(
+            f"{entry} trains objective={objective}, not {cfg.objective.name}: "
+            "drop the objective override"
+        )
+    if cfg.objective.reference == "lora_base" and cfg.peft.method != "lora":
+        raise LladaError(
+            "objective.reference=lora_base is the LoRA base with the adapters off: "
+            "set peft=lora, or use objective.reference=frozen_copy"
+        )
+
+
 def _one_line(exc: LladaError) -> str:
     """The error's own line; a dataloader worker's error arrives wrapped in its traceback."""
     text = str(exc)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from llada_train.cli.common import ReaderRequest, run_training
+from llada_train.cli.common import ReaderRequest, check_post_training, run_training
 from llada_train.cli.entry import hydra_entry
 from llada_train.config import register_configs
 from llada_train.data import SFTDataConfig
 from llada_train.data.preference import build_preference_reader, check_preference_data
 from llada_train.data.stream import Reader, ReaderInfo
-from llada_train.errors import LladaError
 from llada_train.model.config import ModelConfig
 from llada_train.train.loop import TrainResult
 
@@ -38,18 +37,7 @@ def preference_reader(
 
 def dpo_checks(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     """Start checks run by ``preflight``: the policy's weights, the reference mode, the data."""
-    if not cfg.init_from:
-        raise LladaError("llada-dpo needs init_from=<model folder> (the SFT model to align)")
-    if cfg.objective.name != "vrpo":
-        raise LladaError(
-            f"llada-dpo trains objective=vrpo, not {cfg.objective.name}: "
-            "drop the objective override"
-        )
-    if cfg.objective.reference == "lora_base" and cfg.peft.method != "lora":
-        raise LladaError(
-            "objective.reference=lora_base is the LoRA base with the adapters off: "
-            "set peft=lora, or use objective.reference=frozen_copy"
-        )
+    check_post_training(cfg, "llada-dpo", "vrpo", "align")
     check_preference_data(cfg.data, model_cfg.vocab_size, model_cfg.max_sequence_length)
 
 

@@ -18,7 +18,7 @@ from llada_train.config import CONF_DIR
 from llada_train.schema import not_a_setting, stray_keys
 
 # entry points whose config has a run_dir (Hydra makes it its output folder before our code runs)
-RUN_DIR_CONFIGS = ("pretrain", "sft", "dpo")
+RUN_DIR_CONFIGS = ("pretrain", "sft", "dpo", "rl")
 # flags that only print: no run starts, so nothing is created
 PRINT_ONLY = ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg")
 

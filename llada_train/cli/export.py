@@ -23,7 +23,7 @@ from llada_train.diffusion import ObjectiveConfig
 from llada_train.diffusion.registry import prepare_run
 from llada_train.errors import LladaError, exit_on_error
 from llada_train.model import lora
-from llada_train.model.checkpoint import save_pretrained
+from llada_train.model.checkpoint import named_weights, save_pretrained
 from llada_train.model.config import ModelConfig
 from llada_train.train.build import resolve_model_config
 from llada_train.train.checkpointing import (
@@ -90,7 +90,7 @@ def _adapter_from_run(args: argparse.Namespace, peft: lora.PeftConfig, base: str
 
 def _save_merged(adapter: lora.Adapter, base: str, out: Path, tokenizer: str | None) -> None:
     model = lora.load_merged(base, adapter)  # checks names, shapes and the base's fingerprint
-    weights = {n: p.detach() for n, p in model.named_parameters()}
+    weights = {n: p.detach() for n, p in named_weights(model)}  # the expert biases included
     save_pretrained(weights, model.config, out, tokenizer_dir=tokenizer)
     print(f"exported {len(weights)} tensors (LoRA merged into {base}) to {out}")
 

@@ -37,12 +37,17 @@ def run_seq_len(run_dir: Path) -> int | None:
         return None
 
 
+# metric namespaces of objectives (LossOutput.metrics): one panel per key
+OBJECTIVE_METRICS = ("vrpo", "espo", "rl")
+
+
 def plot_curves(rows: list[dict], out: Path, seq_len: int | None = None) -> Path:
     """Two panels (loss, lr) against step, saved as PNG; a third with the block size when the
     run had a block-size curriculum (its transitions are where the loss may jump; a block
     size of 0, the whole sequence, is drawn at ``seq_len`` when known).
 
-    Validation rows (``val_loss``) are drawn on the loss panel with +-2 standard errors. A
+    Validation rows (``val_loss``) are drawn on the loss panel with +-2 standard errors. An
+    objective's own metrics (``vrpo/...``, ``espo/...``, ``rl/...``) get one panel each. A
     mixture-of-experts run (``moe/L{i}/...`` metrics) adds two panels: each layer's expert
     load max/mean (1 = balanced) and its largest |expert bias|.
     """
@@ -56,7 +61,8 @@ def plot_curves(rows: list[dict], out: Path, seq_len: int | None = None) -> Path
     steps = [r["step"] for r in rows]
     blocks = [r for r in rows if "block_size" in r]
     moe = sorted({k for r in rows for k in r if k.startswith("moe/")})
-    panels = 2 + bool(blocks) + (2 if moe else 0)
+    objective = sorted({k for r in rows for k in r if k.split("/")[0] in OBJECTIVE_METRICS})
+    panels = 2 + bool(blocks) + (2 if moe else 0) + len(objective)
     height = {2: 6, 3: 8}.get(panels, 2.5 * panels)
     fig, axes = plt.subplots(panels, 1, figsize=(8, height), sharex=True)
     ax_loss, ax_lr = axes[0], axes[1]
@@ -74,6 +80,11 @@ def plot_curves(rows: list[dict], out: Path, seq_len: int | None = None) -> Path
     ax_lr.grid(alpha=0.3)
     if moe:
         _plot_moe(moe, rows, axes[-2], axes[-1])
+    for key, ax in zip(objective, axes[2 + bool(blocks) :], strict=False):
+        have = [r for r in rows if key in r]
+        ax.plot([r["step"] for r in have], [r[key] for r in have], color="tab:red")
+        ax.set_ylabel(key, fontsize="small")
+        ax.grid(alpha=0.3)
     if blocks:
         ax_b = axes[2]
         sizes = [r["block_size"] or seq_len or 0 for r in blocks]

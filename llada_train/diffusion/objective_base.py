@@ -23,7 +23,7 @@ WEIGHTS = ("inverse_p", "uniform")
 class ObjectiveConfig:
     """Which objective and its constants (paper values by default)."""
 
-    name: str = "pretrain"  # a key of diffusion/registry.py's table: pretrain, sft, ar, block
+    name: str = "pretrain"  # a key of diffusion/registry.py's table: pretrain, sft, ar, block, ...
     eps: float = 1e-3  # p = (1 - eps) t + eps
     var_len_prob: float = 0.01  # pretrain: chance the whole batch is cut to U{1..L}
     p_uncond: float = 0.0  # sft: chance a row's prompt is replaced by MASK (CFG training)
@@ -42,13 +42,20 @@ class ObjectiveConfig:
     # first mask_embed_noise_steps steps (an AR model's unused MASK embedding has decayed)
     mask_embed_noise_std: float = 0.0
     mask_embed_noise_steps: int = 0
-    # ---- objective=vrpo (LLaDA 1.5 DPO on ELBO estimates; diffusion/vrpo.py) ----------------
-    beta: float = 0.1  # DPO's weight on the log-ratio margins
+    # ---- objective=vrpo (LLaDA 1.5 DPO on ELBO estimates; diffusion/vrpo.py) and espo --------
+    beta: float = 0.1  # vrpo: DPO's weight on the log-ratio margins; espo: the k2 KL's weight
     elbo_timesteps: int = 8  # n_t: timesteps per ELBO estimate ...
     elbo_masks_per_timestep: int = 1  # ... n_yt masks each (budget n = n_t * n_yt; VRPO: n, 1)
-    shared_reference_noise: bool = True  # policy and reference see the same (t, mask) draws
+    shared_reference_noise: bool = True  # vrpo: policy and reference see the same (t, mask) draws
     reference: str = "frozen_copy"  # frozen_copy (of reference_path) | lora_base (adapters off)
-    reference_path: str | None = None  # frozen_copy's weights (conf/objective/vrpo.yaml: init_from)
+    reference_path: str | None = None  # frozen_copy's weights (conf/objective/*.yaml: init_from)
+    # ---- objective=espo (sequence-level GRPO with rollouts; rl/objective.py, llada-rl) -----
+    group_size: int = 6  # G completions per prompt
+    inner_iterations: int = 1  # mu: optimizer steps on each round of rollouts
+    clip_eps_low: float = 0.2  # the ratio is clipped to [1 - low, 1 + high]
+    clip_eps_high: float = 0.2
+    baseline: str = "group_mean"  # group_mean | leave_one_out (ESPO's code)
+    scale_by_std: bool = False  # advantages / (group reward std + 1e-4)
 
     def __post_init__(self) -> None:
         if self.loss_chunk_rows < 0:

@@ -26,6 +26,7 @@ OBJECTIVES: dict[str, str] = {
     "ar": "llada_train.diffusion.ar:ARObjective",  # the causal twin's next-token CE
     "block": "llada_train.diffusion.block:BlockObjective",  # SPEC §8, BD3-LM / LLaDA 2.0
     "vrpo": "llada_train.diffusion.vrpo:VRPOObjective",  # LLaDA 1.5 preference optimisation
+    "espo": "llada_train.rl.objective:ESPOObjective",  # sequence-level RL (llada-rl)
 }
 
 

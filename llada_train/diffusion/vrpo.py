@@ -18,9 +18,7 @@ of the batch is response, as in SFT). The paper's three variance reductions are:
 Every draw is a hash of (seed, step, global pair index, response, sample), so any topology
 draws the same masks and a resumed run redraws them exactly.
 
-Reference (``objective.reference``): ``frozen_copy`` loads ``objective.reference_path``
-(default ``init_from``) once per rank in the policy's dtype, frozen and never checkpointed
-(a resume re-reads it); ``lora_base`` is the policy with its LoRA adapters switched off.
+Reference (``objective.reference``, ``reference.py``): ``frozen_copy`` or ``lora_base``.
 
 Batches (``llada_train/data/preference.py``): ``input_ids`` (2B, L) with rows [0, B) prompt +
 chosen and rows [B, 2B) prompt + rejected, ``prompt_len`` (2B,), ``sample_index`` (B,).
@@ -28,9 +26,8 @@ chosen and rows [B, 2B) prompt + rejected, ``prompt_len`` (2B,), ``sample_index`
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,11 +39,11 @@ from torch.utils.checkpoint import checkpoint
 from llada_train.diffusion.chunked_ce import agree_num_chunks
 from llada_train.diffusion.forward import NoiseKey, mask_from_uniforms
 from llada_train.diffusion.objective_base import LossOutput, ObjectiveConfig, full_sequence_run
+from llada_train.diffusion.reference import Reference, check_reference
 from llada_train.errors import LladaError
 from llada_train.keyed_random import derive_key, uniform01
 from llada_train.model.config import ModelConfig
 
-REFERENCES = ("frozen_copy", "lora_base")
 _VRPO = 0x5652  # keeps VRPO's draws apart from the other objectives' streams
 POLICY_STREAM, INDEPENDENT_REFERENCE_STREAM = 0, 1
 CHOSEN, REJECTED = 0, 1
@@ -62,23 +59,6 @@ def check_vrpo_config(cfg: ObjectiveConfig) -> None:
         raise LladaError(
             f"objective.elbo_timesteps={cfg.elbo_timesteps}, elbo_masks_per_timestep="
             f"{cfg.elbo_masks_per_timestep}: both must be >= 1 (VRPO: n timesteps, 1 mask each)"
-        )
-    if cfg.reference not in REFERENCES:
-        raise LladaError(
-            f"objective.reference={cfg.reference!r}; use one of {', '.join(REFERENCES)}"
-        )
-
-
-def check_reference_config(reference: ModelConfig, policy: ModelConfig, where: str) -> None:
-    """The reference's architecture (its config.json fields) must equal the policy's."""
-    ref, pol = reference.to_llada_json(), policy.to_llada_json()
-    diff = sorted(k for k in set(ref) | set(pol) if ref.get(k) != pol.get(k))
-    if diff:
-        k = diff[0]
-        raise LladaError(
-            f"reference model {where} differs from the policy in {k} ({ref.get(k)!r} vs "
-            f"{pol.get(k)!r}; {len(diff)} fields differ): point objective.reference_path at the "
-            "policy's starting weights (the SFT model)"
         )
 
 
@@ -205,26 +185,6 @@ def response_elbos(
     return elbo, masked.sum()
 
 
-@contextlib.contextmanager
-def adapters_disabled(module: nn.Module) -> Iterator[None]:
-    """The model with its peft LoRA layers switched off (the base), restored on exit."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    if not layers:
-        raise LladaError(
-            "objective.reference=lora_base needs LoRA adapters on the policy: set peft=lora, or "
-            "use objective.reference=frozen_copy"
-        )
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for m in layers:  # peft makes the active adapter trainable again
-            m.enable_adapters(True)
-
-
 @dataclass
 class PreferenceScores:
     """What one micro-batch's B pairs give: the DPO score and the four ELBO estimates."""
@@ -244,48 +204,23 @@ class VRPOObjective:
         check_vrpo_config(cfg)
         self.cfg = cfg
         self.mask_token_id = mask_token_id  # eos_token_id: unused (the registry's signature)
-        self._frozen: nn.Module | None = None
+        self.reference = Reference(cfg.reference, cfg.reference_path)
 
     @classmethod
     def prepare(
         cls, cfg: ObjectiveConfig, model_cfg: ModelConfig, seq_len: int, curriculum: list[int]
     ) -> ModelConfig:
         """Start-up checks: settings, and a frozen copy's config.json against the policy's."""
-        from llada_train.model.checkpoint import read_config
-
         check_vrpo_config(cfg)
-        if cfg.reference == "frozen_copy":
-            if not cfg.reference_path:
-                raise LladaError(
-                    "objective.reference=frozen_copy needs the reference weights: set init_from "
-                    "(objective.reference_path defaults to it), or use objective.reference="
-                    "lora_base with peft=lora"
-                )
-            check_reference_config(read_config(cfg.reference_path), model_cfg, cfg.reference_path)
+        check_reference(cfg, model_cfg)
         return full_sequence_run(cfg, model_cfg, curriculum)
-
-    def frozen_copy(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The reference weights on ``device`` in the policy's dtype (loaded on first use)."""
-        if self._frozen is None:
-            from llada_train.model.checkpoint import load_pretrained
-
-            dtype = next(getattr(model, "module", model).parameters()).dtype
-            frozen = load_pretrained(self.cfg.reference_path, device=str(device), dtype=dtype)
-            self._frozen = frozen.requires_grad_(False)
-        return self._frozen
 
     def _reference_elbos(
         self, model: nn.Module, x0: torch.Tensor, prompt_len: torch.Tensor, draws: ElboDraws
     ) -> torch.Tensor:
-        chunk = self.cfg.loss_chunk_rows
-        with torch.no_grad():
-            if self.cfg.reference == "lora_base":
-                with adapters_disabled(getattr(model, "module", model)):
-                    return response_elbos(model, x0, prompt_len, draws, self.mask_token_id, chunk)[
-                        0
-                    ]
-            ref = self.frozen_copy(model, x0.device)
-            return response_elbos(ref, x0, prompt_len, draws, self.mask_token_id, chunk)[0]
+        with self.reference.scope(model, x0.device) as reference:
+            chunk = self.cfg.loss_chunk_rows
+            return response_elbos(reference, x0, prompt_len, draws, self.mask_token_id, chunk)[0]
 
     def scores(
         self, model: nn.Module, batch: dict[str, torch.Tensor], noise: NoiseKey

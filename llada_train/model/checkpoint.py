@@ -1,7 +1,8 @@
 """Save and load models in the released LLaDA layout: ``config.json`` + safetensors shards.
 
 The layout is the state-dict adapter of this package: parameter names are already the
-released ones, so import and export are plain copies.
+released ones, so import and export are plain copies. The weights are the parameters plus
+the persistent buffers (the MoE routers' fp32 ``expert_bias``): ``named_weights``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,18 @@ def check_weights(folder: str | Path, expected: dict[str, tuple[int, ...]]) -> d
     return {name: handles[f] for name, f in files.items()}
 
 
+def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor a released-layout folder holds for ``model``: its parameters, then its
+    persistent buffers (the MoE expert biases, fp32 buffers so that ZeRO-3 leaves them whole
+    and unrounded). The names are the state dict's."""
+    yield from model.named_parameters()
+    for owner_name, owner in model.named_modules():
+        prefix = f"{owner_name}." if owner_name else ""
+        for name, buf in owner.named_buffers(recurse=False):
+            if buf is not None and name not in owner._non_persistent_buffers_set:
+                yield prefix + name, buf
+
+
 @torch.no_grad()
 def load_weights_into(
     model: LLaDAModel,
@@ -210,15 +223,17 @@ def load_weights_into(
 ) -> None:
     """Copy every tensor of a released-layout folder into ``model``, one tensor at a time.
 
-    Names and shapes are checked against the model; ``param_context(p)`` wraps each copy
-    (ZeRO-3 passes a gather context so no rank ever holds the whole model).
+    Names and shapes are checked against the model; ``param_context(p)`` wraps each
+    parameter's copy (ZeRO-3 passes a gather context so no rank ever holds the whole model).
+    Buffers (the expert biases) are whole on every rank and keep their own dtype (fp32).
     """
-    params = dict(model.named_parameters())
+    weights = dict(named_weights(model))
     # a ZeRO-3 partitioned parameter keeps its full shape in ds_shape
-    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params.items()}
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in weights.items()}
     opened = check_weights(folder, shapes)
-    for name, p in params.items():
-        with param_context(p) if param_context else contextlib.nullcontext():
+    for name, p in weights.items():
+        gather = param_context if isinstance(p, torch.nn.Parameter) else None  # buffers: whole
+        with gather(p) if gather else contextlib.nullcontext():
             p.copy_(opened[name].get_tensor(name).to(p.dtype))
 
 

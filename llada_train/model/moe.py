@@ -8,16 +8,18 @@ outputs and gradients (tests/test_moe.py).
 
 A router is a plain function in ``ROUTERS`` (``llada2``: LLaDA 2.x sigmoid scores with
 group-limited top-k; ``lladamoe``: LLaDA-MoE softmax + bias). Its logits are fp32 whatever
-the model's dtype. The expert bias is a frozen parameter (``router.expert_bias``, no
-gradient) so exports, loads, ZeRO gathers and checkpoints carry it like any weight; it is
-kept fp32 when the model is cast to bf16. ``update_expert_bias`` moves it after each
-optimizer step from the expert load counted in the step's forward passes (aux-loss-free
+the model's dtype. The expert bias (``router.expert_bias``) is a persistent fp32 buffer, not
+a parameter: ZeRO-3 casts every parameter to the training dtype and partitions it, and bf16
+would lose balancing updates (one step of 1e-3 is below half of bf16's spacing once |bias|
+>= 0.5). A buffer is replicated on every rank, never cast by DeepSpeed, and sits in the state
+dict under the same name; ``model.checkpoint.named_weights`` lists it with the parameters so
+exports, loads and checkpoints carry it like a weight. ``update_expert_bias`` moves it after
+each optimizer step from the expert load counted in the step's forward passes (aux-loss-free
 balancing, Wang et al. 2024 / DeepSeek-V3): underloaded experts up, overloaded down.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +89,10 @@ ROUTERS: dict[str, RouterFn] = {"llada2": route_llada2, "lladamoe": route_lladam
 class Router(nn.Module):
     """Router weight (E, d) and expert bias (E,), both applied in fp32."""
 
+    # DeepSpeed's name for buffers it must keep fp32 (data_types.keep_in_fp32_modules="auto"):
+    # honoured by zero.Init and by an engine whose config casts buffers (buffer_dtype)
+    _keep_in_fp32_modules_strict = ["expert_bias"]
+
     def __init__(self, d_model: int, num_experts: int, kind: str, spec: RouterSpec) -> None:
         super().__init__()
         if kind not in ROUTERS:
@@ -95,17 +101,17 @@ class Router(nn.Module):
             )
         self.route, self.spec = ROUTERS[kind], spec
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
-        # a parameter without gradient: saved, exported, loaded and gathered like a weight,
-        # but moved only by update_expert_bias (never by the optimizer)
-        self.expert_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+        # a buffer, moved only by update_expert_bias: ZeRO-3 would partition a parameter and
+        # store it in bf16. zero.Init makes torch.zeros bf16 inside its context: .float() after
+        self.register_buffer("expert_bias", torch.zeros(num_experts).float())
+        self.expert_bias: torch.Tensor  # (E,) fp32
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Router:  # type: ignore[override]
-        # model.to(bf16) (DeepSpeed's bf16 mode) would round the bias to 8 bits of mantissa,
-        # below the size of one balancing update: it stays fp32 whatever the model's dtype
+        # model.to(bf16) would round the bias to 8 bits of mantissa, below the size of one
+        # balancing update: it stays fp32 whatever the model's dtype
         super()._apply(fn, recurse)
-        bias = self.expert_bias
-        if bias.is_floating_point() and bias.dtype != torch.float32:
-            bias.data = bias.data.float()
+        if self.expert_bias.is_floating_point() and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,22 +248,14 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
 
-def _modifiable(p: nn.Parameter) -> contextlib.AbstractContextManager[Any]:
-    if not hasattr(p, "ds_id"):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    # ZeRO-3 partitions the bias like any parameter: gather, let rank 0 write, re-partition
-    return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
-
-
 @torch.no_grad()
 def update_expert_bias(model: nn.Module) -> None:
     """After an optimizer step: sum each MoE layer's load over the data-parallel ranks,
     move its expert bias by ``rate * sign(mean load - load)``, and reset the counters.
 
-    Every rank computes the same update from the all-reduced load, so the biases stay equal
-    across ranks. A dense model does nothing.
+    Every rank computes the same update from the all-reduced load on its own replica of the
+    bias (a buffer, never partitioned), so the biases stay equal across ranks and ZeRO stages.
+    A dense model does nothing.
     """
     layers = moe_layers(model)
     if not layers:
@@ -269,10 +267,9 @@ def update_expert_bias(model: nn.Module) -> None:
         m.last_load = load.cpu()
         m.expert_load.zero_()
         if m.bias_update_rate > 0 and load.sum() > 0:
-            bias = m.router.expert_bias
-            with _modifiable(bias):
-                step = torch.sign(load.mean() - load).to(bias.device)
-                bias.add_(m.bias_update_rate * step)
+            bias = m.router.expert_bias  # (E,) fp32
+            step = torch.sign(load.mean() - load).to(bias.device, torch.float32)
+            bias.add_(m.bias_update_rate * step)
 
 
 def expert_metrics(model: nn.Module) -> dict[str, float]:
@@ -282,9 +279,8 @@ def expert_metrics(model: nn.Module) -> dict[str, float]:
     for name, m in _named_layers(model):
         if m.last_load is not None and m.last_load.sum() > 0:
             out[f"moe/{name}/load_max_mean"] = float(m.last_load.max() / m.last_load.mean())
-        bias = m.router.expert_bias
-        if not hasattr(bias, "ds_id"):  # a ZeRO-3 partition holds a slice: not reported
-            out[f"moe/{name}/bias_absmax"] = float(bias.detach().abs().max())
+        # a buffer: whole on every rank, ZeRO-3 included
+        out[f"moe/{name}/bias_absmax"] = float(m.router.expert_bias.abs().max())
     return out
 
 

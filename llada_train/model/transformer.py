@@ -177,6 +177,9 @@ class LLaDAModel(nn.Module):
                 s = std / math.sqrt(2 * self.config.n_layers) if residual_out else std
                 values = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=generator)
                 p.copy_(values)
+        for name, b in self.named_buffers():  # fp32 buffers, whole on every rank: no context
+            if name.endswith("expert_bias"):
+                b.zero_()
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """``torch.compile`` each block in place (``nn.Module.compile``: no ``_orig_mod.`` names).
@@ -320,7 +323,8 @@ def shift_paired(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def count_parameters(cfg: ModelConfig) -> int:
-    """Exact parameter count, built on the meta device (no memory is allocated)."""
+    """Exact parameter count, built on the meta device (no memory is allocated): every tensor
+    of the released layout, the MoE expert biases (fp32 buffers) included."""
     with torch.device("meta"):
         model = LLaDAModel(cfg)
-    return sum(p.numel() for p in model.parameters())
+    return sum(t.numel() for t in model.state_dict().values())

@@ -9,7 +9,12 @@ from typing import Any
 
 import torch
 
-from llada_train.model.checkpoint import check_weights, load_weights_into, read_config
+from llada_train.model.checkpoint import (
+    check_weights,
+    load_weights_into,
+    named_weights,
+    read_config,
+)
 from llada_train.model.config import ModelConfig
 from llada_train.model.lora import PeftConfig, apply_lora, lora_enabled
 from llada_train.model.transformer import LLaDAModel
@@ -41,7 +46,7 @@ def check_init_from(model_cfg: ModelConfig, init_from: str) -> None:
     corrupt or mismatched file is found in seconds, before any process group."""
     with torch.device("meta"):
         model = LLaDAModel(model_cfg)
-    check_weights(init_from, {n: tuple(p.shape) for n, p in model.named_parameters()})
+    check_weights(init_from, {n: tuple(p.shape) for n, p in named_weights(model)})
 
 
 def _param_context(zero_stage: int) -> Callable[[torch.nn.Parameter], Any] | None:

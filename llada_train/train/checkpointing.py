@@ -16,7 +16,7 @@ import torch.distributed as dist
 from llada_train.atomic import fsync_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from llada_train.errors import LladaError
 from llada_train.model import lora
-from llada_train.model.checkpoint import save_pretrained
+from llada_train.model.checkpoint import named_weights, save_pretrained
 from llada_train.model.config import ModelConfig
 from llada_train.train.distributed import all_ranks_any
 from llada_train.train.manifest import record_manifest, verify_manifest
@@ -196,10 +196,16 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str) -> tuple[dict[st
     is_lora = _check_lora_matches(getattr(engine, "module", None), root / tag)
     # a LoRA checkpoint holds the adapters only: the frozen base came from init_from
     with weights_only_loads(root / tag):  # DeepSpeed asks for weights_only=False: overridden
-        load_path, _ = engine.load_checkpoint(
-            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False,
-            load_module_strict=not is_lora,
-        )
+        try:
+            load_path, _ = engine.load_checkpoint(
+                str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False,
+                load_module_strict=not is_lora,
+            )
+        except RuntimeError as exc:
+            # every rank reads its own file, so every rank stops here with the same line
+            if "size mismatch" in str(exc) and "expert_bias" in str(exc):
+                raise _old_expert_bias_error(run_dir, root / tag) from None
+            raise
     if load_path is None:
         raise LladaError(f"DeepSpeed could not load checkpoint {root / tag}")
     rank_state = load_rank_state(root / tag / f"rank_state_{min(rank, saved - 1):05d}.pt")
@@ -207,6 +213,15 @@ def load_checkpoint(engine: Any, run_dir: str | Path, tag: str) -> tuple[dict[st
         rank_state.pop("generator", None)
         rank_state.pop("torch_rng", None)
     return trainer_state, rank_state
+
+
+def _old_expert_bias_error(run_dir: str | Path, step_dir: Path) -> LladaError:
+    # written when the bias was a parameter: ZeRO-3 saved it as partitions, not a whole tensor
+    return LladaError(
+        f"{step_dir} holds the MoE expert biases as ZeRO-3 partitions (written before they "
+        f"became fp32 buffers) and cannot be resumed: run llada-export --run-dir {run_dir} "
+        "--out DIR and start a new run with init_from=DIR"
+    )
 
 
 def _check_lora_matches(module: torch.nn.Module | None, step_dir: Path) -> bool:
@@ -250,15 +265,14 @@ def parameters_finite(engine: Any, device: torch.device) -> bool:
 
 
 def gather_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on every rank (ZeRO-3 partitions gathered one parameter at a time)."""
+    """Full fp32 weights on every rank (ZeRO-3 partitions gathered one parameter at a time);
+    the persistent buffers (fp32 expert biases) are whole on every rank and copied as they are."""
     import deepspeed
 
     out: dict[str, torch.Tensor] = {}
-    for name, p in module.named_parameters():
-        if zero_stage == 3:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                out[name] = p.detach().float().cpu().clone()
-        else:
+    for name, p in named_weights(module):
+        partitioned = zero_stage == 3 and hasattr(p, "ds_id")
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=partitioned):
             out[name] = p.detach().float().cpu().clone()
     return out
 
@@ -297,7 +311,7 @@ def export_from_engine(
             )
             merged = lora.load_merged(lora.live_config(engine.module).base_model_name_or_path,
                                       lora.read_adapter(folder))
-            weights = {n: p.detach() for n, p in merged.named_parameters()}
+            weights = {n: p.detach() for n, p in named_weights(merged)}
             save_pretrained(weights, model_cfg, out_dir, tokenizer_dir=tokenizer)
         _barrier()
         return

@@ -135,11 +135,14 @@ class Trainer:
 
     def rank_state(self) -> dict[str, Any]:
         """This rank's state: reader position and random generators."""
-        return {
+        state = {
             "reader": self.reader.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
+        if hasattr(self.objective, "state_dict"):  # e.g. ESPO's rollouts of the current round
+            state["objective"] = self.objective.state_dict()
+        return state
 
     def save(self) -> None:
         """Collective checkpoint; refuses non-finite weights."""
@@ -173,6 +176,8 @@ class Trainer:
                   flush=True)
         if "torch_rng" in rank_state:
             torch.set_rng_state(rank_state["torch_rng"])
+        if "objective" in rank_state and hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(rank_state["objective"])
         if self.rank0:
             where = ckpt.checkpoint_dir(self.run.run_dir) / tag
             print(f"resumed from {where} at step {self.step}", flush=True)

@@ -45,6 +45,9 @@ class DecodeResult:
     texts: list[str]
     answers: list[str | None]
     row_nfe: list[int]
+    # (B, G) generated ids where the sampler yields one canvas per row (not hex's vote or
+    # infill's two parts): what RL rollouts score
+    generated: torch.Tensor | None = None
 
 
 @dataclass
@@ -74,7 +77,8 @@ class DecodeRequest:
     def result(self, out: SampleOutput) -> DecodeResult:
         """Texts, answers and per-row NFE of a plain sampler output."""
         texts = [self.decode(row) for row in out.generated.tolist()]
-        return DecodeResult(texts, [self.extract(t) for t in texts], out.row_nfe.tolist())
+        answers = [self.extract(t) for t in texts]
+        return DecodeResult(texts, answers, out.row_nfe.tolist(), out.generated)
 
 
 DecodeFn = Callable[[torch.nn.Module, Any, DecodeRequest], DecodeResult]

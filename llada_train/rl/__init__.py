@@ -1,0 +1,1 @@
+"""Post-training with verifiable rewards: ESPO (``llada-rl``): rewards, rollouts, the objective."""
