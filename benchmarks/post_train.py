@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=40, help="optimizer steps of every arm")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per update")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--pair-prompts", type=int, default=1000, help="RL prompts sampled for VRPO pairs")
+    ap.add_argument("--pair-prompts", type=int, default=300, help="RL prompts sampled for VRPO pairs")
     ap.add_argument("--lr-sft", type=float, default=2e-4)
     ap.add_argument("--lr-vrpo", type=float, default=2e-4)
     ap.add_argument("--lr-espo", type=float, default=2e-4)

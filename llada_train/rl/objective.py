@@ -107,7 +107,7 @@ class ESPOObjective:
     def _round(self, model: nn.Module, batch: dict[str, torch.Tensor], round_: int) -> tuple[
         Rollouts, torch.Tensor | None, float
     ]:
-        """This micro-batch's rollouts and old ELBOs (mu, N) of the round: sampled on the
+        """This micro-batch's rollouts and old ELBOs (mu - 1, N) of the round: sampled on the
         round's first step, then reused; the rollout seconds spent now."""
         if round_ != self.round:
             self.round, self.cache = round_, {}
@@ -125,11 +125,11 @@ class ESPOObjective:
         old = None
         if self.cfg.inner_iterations > 1:  # the rollout policy's ELBOs for later iterations
             rows = torch.arange(ro.x0.shape[0], device=ro.x0.device)
-            with torch.no_grad():
+            with torch.no_grad():  # iteration 0 needs none: its old ELBO is the current one
                 old = torch.stack([
                     self._elbos(model, ro, rows, round_, k)[0]
-                    for k in range(self.cfg.inner_iterations)
-                ])  # (mu, N)
+                    for k in range(1, self.cfg.inner_iterations)
+                ])  # (mu - 1, N)
         self.cache[key] = (ro, old)
         return ro, old, ro.seconds
 
@@ -146,7 +146,7 @@ class ESPOObjective:
             with self.reference.scope(model, ro.x0.device) as reference:
                 ref = self._elbos(reference, ro, rows, round_, iteration)[0]  # (R,)
         policy, masked = self._elbos(model, ro, rows, round_, iteration)  # (R,)
-        old = None if old_all is None else old_all[iteration][rows]
+        old = None if old_all is None or iteration == 0 else old_all[iteration - 1][rows]
         cpu_rows = rows.cpu()
         out = espo_loss(policy, old, ref, ro.rewards[cpu_rows], ro.lengths[rows], self.espo)
         dev = policy.device
