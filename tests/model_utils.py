@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from llada_train.model import LLaDAModel, save_pretrained
+from llada_train.model.checkpoint import named_weights
 from llada_train.model.config import ModelConfig
 from tests.conftest import REPO
 
@@ -23,4 +24,4 @@ def save_tiny_model(out: Path, seed: int = 0, **changes: Any) -> Path:
     cfg = dataclasses.replace(OmegaConf.to_object(cfg), **changes)
     model = LLaDAModel(cfg)
     model.init_weights(torch.Generator().manual_seed(seed))
-    return save_pretrained(dict(model.named_parameters()), cfg, out)
+    return save_pretrained(dict(named_weights(model)), cfg, out)

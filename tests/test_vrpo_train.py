@@ -10,7 +10,6 @@ run in a fork of the test process can deadlock on a lock another thread held at 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -19,15 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from omegaconf import OmegaConf
 
 from data_pipelines.preference_records import build_preference_records
 from data_pipelines.sources import SourceSpec
-from llada_train.model import LLaDAModel, save_pretrained
-from llada_train.model.config import ModelConfig
 from tests.conftest import REPO
 from tests.launch_utils import launch_env, metrics, torchrun_cmd
+from tests.model_utils import save_tiny_model
 
 pytestmark = pytest.mark.slow
 STEPS = 2  # checkpoints at both; the resumed run redoes step 2 from step 1's
@@ -41,15 +37,7 @@ PREFERENCE_METRICS = (
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/tiny.yaml")
-    )
-    cfg = dataclasses.replace(OmegaConf.to_object(cfg), n_layers=2)  # half the steps' cost
-    model = LLaDAModel(cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    return save_pretrained(
-        dict(model.named_parameters()), cfg, tmp_path_factory.mktemp("base") / "base"
-    )
+    return save_tiny_model(tmp_path_factory.mktemp("base") / "base", n_layers=2)  # half the cost
 
 
 @pytest.fixture(scope="module")

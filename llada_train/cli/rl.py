@@ -45,10 +45,10 @@ def rl_checks(cfg: DictConfig, model_cfg: ModelConfig) -> None:
             f"decode.gen_length={decode.gen_length} leaves no room for prompts in "
             f"trainer.seq_len={cfg.trainer.seq_len}: raise trainer.seq_len"
         )
-    for path in [r.path for r in cfg.data.rewards] + [cfg.data.accuracy]:
-        load_reward(path)
     if not cfg.data.rewards:
         raise LladaError("data.rewards is empty: name at least one reward function")
+    for path in [r.path for r in cfg.data.rewards] + [cfg.data.accuracy]:
+        load_reward(path)
 
 
 def run_rl(cfg: DictConfig) -> TrainResult:

@@ -82,8 +82,6 @@ class RolloutTask:
         self.rewards: list[tuple[str, float, RewardFn]] = [
             (r.path, r.weight, load_reward(r.path)) for r in data_cfg.rewards
         ]
-        if not self.rewards:
-            raise LladaError("data.rewards is empty: name at least one reward function")
         self.accuracy_path = data_cfg.accuracy
         self.accuracy = load_reward(data_cfg.accuracy)
 
