@@ -15,6 +15,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent  # console scripts of the environment running the tests
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# One thread per test process (read by torch at import, which comes after this file): `make
+# test` runs two workers on two cores beside the subprocesses they launch, and more OpenMP
+# threads than cores spin-wait on each other
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 

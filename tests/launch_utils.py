@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,3 +57,16 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def python_module(module: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", module, *args], timeout=timeout)
+
+
+def branch_at(run_dir: Path, step: int, out: Path) -> Path:
+    """A new run dir ``out`` holding what ``run_dir`` held right after it saved step ``step``
+    (``trainer.save_every``): that checkpoint as ``latest`` and the metrics rows up to it.
+    Launching the run's command on ``out`` then resumes at ``step``, as a job pre-empted
+    after that checkpoint does."""
+    tag = f"step_{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / tag, out / "checkpoints" / tag)
+    (out / "checkpoints" / "latest").write_text(tag)
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(r for r in rows if json.loads(r)["step"] <= step))
+    return out

@@ -14,11 +14,12 @@ from llada_train.cli.common import preflight
 from llada_train.config import CONF_DIR, register_configs
 from llada_train.errors import LladaError
 from llada_train.train.schedule import ScheduleConfig, block_size_at, check_block_phases
-from tests.launch_utils import cli, metrics, run, torchrun_cmd
+from tests.launch_utils import branch_at, cli, metrics, run, torchrun_cmd
 
-# 32-token windows, 4 per step: 128 tokens a step. Blocks 4, 8, the whole sequence, then 8.
-PHASES = ("schedule.block_phases=[{start_tokens:0,block_size:4},{start_tokens:256,block_size:8},"
-          "{start_tokens:512,block_size:0},{start_tokens:768,block_size:8}]")
+# 32-token windows, 4 per step: 128 tokens a step. Blocks 4, 8, the whole sequence, then 8,
+# one step each, so a 4-step run crosses every transition.
+PHASES = ("schedule.block_phases=[{start_tokens:0,block_size:4},{start_tokens:128,block_size:8},"
+          "{start_tokens:256,block_size:0},{start_tokens:384,block_size:8}]")
 
 
 def composed(*overrides: str):
@@ -81,7 +82,7 @@ def test_block_size_at_follows_the_phases_by_tokens():
 
 
 def curriculum_args(demo_data) -> list[str]:
-    """Blocks 4 -> 8 -> L -> 8 over 8 steps, packed documents, complementary views, a chunked
+    """Blocks 4 -> 8 -> L -> 8 over 4 steps, packed documents, complementary views, a chunked
     head and activation checkpointing: everything composing with the 2L pass."""
     return [f"data.path={demo_data / 'shards'}", f"data.tokenizer={demo_data / 'tokenizer.json'}",
             "data.document_mask=true", "objective=block", "objective.var_len_prob=0",
@@ -94,11 +95,13 @@ def curriculum_args(demo_data) -> list[str]:
 @pytest.fixture(scope="module")
 def curriculum_runs(demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("blocks")
-    common = [*curriculum_args(demo_data), "trainer.micro_batch_size=2"]
-    whole = cli("llada-pretrain", [f"run_dir={root / 'whole'}", *common, "trainer.max_steps=8"])
-    cli("llada-pretrain", [f"run_dir={root / 'cut'}", *common, "trainer.max_steps=4",
-                           "trainer.export_at_end=false"])
-    resumed = cli("llada-pretrain", [f"run_dir={root / 'cut'}", *common, "trainer.max_steps=8"])
+    # the whole run also checkpoints at step 2; "cut" resumes from that checkpoint with the
+    # same command (no second run re-training steps 1-2)
+    common = [*curriculum_args(demo_data), "trainer.micro_batch_size=2", "trainer.max_steps=4",
+              "trainer.save_every=2"]
+    whole = cli("llada-pretrain", [f"run_dir={root / 'whole'}", *common])
+    cut = branch_at(root / "whole", 2, root / "cut")
+    resumed = cli("llada-pretrain", [f"run_dir={cut}", *common])
     return root, whole, resumed
 
 
@@ -106,14 +109,14 @@ def curriculum_runs(demo_data, tmp_path_factory):
 def test_curriculum_resumes_exactly_across_a_transition(curriculum_runs):
     root, whole, resumed = curriculum_runs
     rows = metrics(root / "whole")
-    assert [r["block_size"] for r in rows] == [4, 4, 8, 8, 0, 0, 8, 8]
-    for line in ("block size 4 at step 1", "block size 4 -> 8 at step 3", "block size 8 -> L at step 5",
-                 "block size L -> 8 at step 7"):
+    assert [r["block_size"] for r in rows] == [4, 8, 0, 8]
+    for line in ("block size 4 at step 1", "block size 4 -> 8 at step 2", "block size 8 -> L at step 3",
+                 "block size L -> 8 at step 4"):
         assert line in whole.stdout, line
-    # stopped after step 4, at the 8 -> L transition; the resumed steps are bit for bit the same
-    assert "resumed from" in resumed.stdout and "block size L at step 5" in resumed.stdout
+    # stopped after step 2, at the 8 -> L transition; the resumed steps are bit for bit the same
+    assert "resumed from" in resumed.stdout and "block size L at step 3" in resumed.stdout
     got = {r["step"]: r["loss"] for r in metrics(root / "cut")}
-    assert [got[s] for s in range(1, 9)] == [r["loss"] for r in rows]
+    assert [got[s] for s in range(1, 5)] == [r["loss"] for r in rows]
 
 
 @pytest.mark.slow
@@ -149,7 +152,7 @@ def test_block_on_two_zero3_ranks_matches_one_rank(curriculum_runs, demo_data, t
     root, _, _ = curriculum_runs
     run(torchrun_cmd("llada_train.cli.pretrain", [
         f"run_dir={tmp_path / 'two'}", *curriculum_args(demo_data), "trainer.micro_batch_size=1",
-        "deepspeed=zero3", "trainer.max_steps=8", "trainer.export_at_end=false"]))
+        "deepspeed=zero3", "trainer.max_steps=4", "trainer.export_at_end=false"]))
     want = [r["loss"] for r in metrics(root / "whole")]
     assert [r["loss"] for r in metrics(tmp_path / "two")] == pytest.approx(want, rel=2e-5)
 

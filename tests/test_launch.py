@@ -27,7 +27,8 @@ import psutil
 import pytest
 
 from tests.conftest import BIN, REPO
-from tests.launch_utils import cli, free_port, launch_env, metrics
+from tests.launch_utils import free_port, launch_env, metrics
+from tests.model_utils import save_tiny_model
 
 LAUNCH = REPO / "launch"
 FAKE_SLURM = REPO / "tests" / "fake_slurm"
@@ -242,21 +243,16 @@ def test_local_and_deepspeed_command_lines(stub_python, tmp_path):
 MAX_STEPS = 60
 
 
-@pytest.fixture(scope="module")
-def pretrain_export(demo_data, tmp_path_factory) -> Path:
-    """A 2-step pretraining export to start SFT from (one process, no launcher)."""
-    run_dir = tmp_path_factory.mktemp("pre") / "run"
-    cli("llada-pretrain", pretrain_args(demo_data, run_dir, "trainer.max_steps=2", "trainer.micro_batch_size=8"))
-    return run_dir / "export"
-
-
 @pytest.mark.slow
-def test_sft_sbatch_on_two_fake_nodes(pretrain_export, demo_data, tmp_path):
+def test_sft_sbatch_on_two_fake_nodes(demo_data, tmp_path):
     """Two 'nodes' (two srun tasks, two torchrun agents) meet in one c10d rendezvous: the one
     thing the live one-node scheduler of tests/test_slurm_live.py cannot show."""
+    # SFT starts from a random tiny model folder (what it trains from does not matter here;
+    # a pretraining launch to make one would be a third process start-up)
+    init = save_tiny_model(tmp_path / "init")
     run_dir = tmp_path / "sft"
     env = job_env(tmp_path / "slurm", GPUS_PER_NODE="1", FAKE_SLURM_NODES="localhost,127.0.0.1")
-    args = [f"run_dir={run_dir}", f"init_from={pretrain_export}", f"data.path={demo_data / 'sft'}",
+    args = [f"run_dir={run_dir}", f"init_from={init}", f"data.path={demo_data / 'sft'}",
             f"data.tokenizer={demo_data / 'tokenizer.json'}", "schedule=sft_demo", "trainer.epochs=0",
             "trainer.max_steps=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
             "trainer.seq_len=256", "logging.log_every=1", "logging.progress_bar=false"]

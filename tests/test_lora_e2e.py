@@ -11,9 +11,13 @@ import shutil
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from llada_train.cli import generate
+from llada_train.cli.export import main as export_main
+from llada_train.config import CONF_DIR
 from llada_train.model import LLaDAModel, save_pretrained
 from llada_train.model.config import ModelConfig
 from llada_train.train.safe_load import torch_load
@@ -57,6 +61,27 @@ def lora_run(base, demo_data, tmp_path_factory):
     return run_dir
 
 
+def export(args: list[str]) -> None:
+    """``llada-export ARGS`` run in this process: the console script is this ``main``, so it
+    is the same code, without a fresh interpreter's seconds of imports."""
+    export_main(args)  # an error exits (SystemExit) and fails the test with its message
+
+
+GENERATE = ['prompts=["what does a cow say ?"]', "chat=true", "decode.gen_length=8",
+            "decode.block_length=8", "progress=false"]
+
+
+def generated(model_path, capsys) -> str:
+    """What ``llada-generate model_path=... GENERATE`` prints, run in this process: the
+    console script composes conf/generate.yaml with its overrides the same way, then calls
+    ``run_config`` (an error exits, failing the test with its line)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="generate", overrides=[f"model_path={model_path}", *GENERATE])
+    capsys.readouterr()
+    generate.run_config(cfg)
+    return capsys.readouterr().out
+
+
 def _size(folder) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
@@ -82,25 +107,24 @@ def test_lora_sft_loss_falls_and_checkpoints_hold_only_adapters(lora_run, base, 
     assert ratio < 1.5 * trainable / total + 0.02
 
 
-def test_end_of_run_export_and_llada_export_agree(lora_run, tmp_path):
+def test_end_of_run_export_and_llada_export_agree(lora_run, tmp_path, capsys):
     adapter, merged = lora_run / "adapter", lora_run / "export"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
         f.name for f in adapter.iterdir()}
     end = load_file(merged / "model.safetensors")
     assert not any("lora" in k for k in end)
-    cli("llada-export", ["--run-dir", str(lora_run), "--merge-lora", "--out", str(tmp_path / "m")])
-    cli("llada-export", ["--run-dir", str(lora_run), "--out", str(tmp_path / "a")])
-    cli("llada-export", ["--adapter", str(adapter), "--merge-lora", "--out", str(tmp_path / "m2")])
+    export(["--run-dir", str(lora_run), "--merge-lora", "--out", str(tmp_path / "m")])
+    export(["--run-dir", str(lora_run), "--out", str(tmp_path / "a")])
+    export(["--adapter", str(adapter), "--merge-lora", "--out", str(tmp_path / "m2")])
     for out in ("m", "m2"):
         again = load_file(tmp_path / out / "model.safetensors")
         assert set(again) == set(end) and all(torch.equal(again[k], end[k]) for k in end)
     a, b = load_file(adapter / "adapter_model.safetensors"), load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     # llada-generate takes the adapter folder (it names its base) like a model folder
-    args = ['prompts=["what does a cow say ?"]', "chat=true", "decode.gen_length=8", "decode.block_length=8",
-            "progress=false"]
-    via_adapter = cli("llada-generate", [f"model_path={adapter}", *args]).stdout
-    assert via_adapter == cli("llada-generate", [f"model_path={merged}", *args]).stdout
+    via_adapter = generated(adapter, capsys)
+    assert "### prompt: what does a cow say ?" in via_adapter
+    assert via_adapter == generated(merged, capsys)
 
 
 def test_resume_from_a_mid_run_checkpoint_is_exact(lora_run, base, demo_data, tmp_path):

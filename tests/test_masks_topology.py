@@ -78,43 +78,62 @@ def test_a_reader_resumed_on_another_world_size_continues_the_same_samples(tmp_p
                        torch.cat([pretrain_draw(h, key, 0)[1] for h in halves]))
 
 
-@pytest.mark.slow
-def test_one_rank_two_ranks_and_micro_batch_sizes_give_the_same_losses(demo_data, tmp_path):
-    """Also the validation: split over two ZeRO-3 ranks (3 windows: one rank pads a dummy)."""
+# the runs below: 4 steps of 8 sequences, held-out ELBO at steps 2 and 4
+TOPOLOGY = ["trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.max_steps=4",
+            "trainer.precision=fp32", "objective.var_len_prob=0.3", "logging.log_every=1",
+            "logging.progress_bar=false", "trainer.export_at_end=false", "schedule.peak_lr=4e-4",
+            "data.val_fraction=0.05", "trainer.eval_every=2", "trainer.eval_windows=3",
+            "trainer.eval_samples_per_window=2"]
+
+
+@pytest.fixture(scope="module")
+def topology_runs(demo_data, tmp_path_factory):
+    """One data and schedule set-up on several topologies; both tests below read these runs.
+
+    a: 1 rank, micro-batch 8 (the reference); c: 2 ranks x micro-batch 2 x accumulation 2;
+    d: 2 ZeRO-3 ranks x micro-batch 4 (the validation's 3 windows: one rank pads a dummy);
+    moved: 1 rank x micro-batch 4 x accumulation 2 for steps 1-2 (and the held-out ELBO at
+    step 2), whose checkpoint 2 ranks x micro-batch 4 resume for steps 3-4.
+    """
+    root = tmp_path_factory.mktemp("topology")
     common = [f"data.path={demo_data / 'shards'}", f"data.tokenizer={demo_data / 'tokenizer.json'}",
-              "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.max_steps=4",
-              "trainer.precision=fp32", "objective.var_len_prob=0.3", "logging.log_every=1",
-              "logging.progress_bar=false", "trainer.export_at_end=false", "schedule.peak_lr=4e-4",
-              "data.val_fraction=0.05", "trainer.eval_every=2", "trainer.eval_windows=3",
-              "trainer.eval_samples_per_window=2"]
-    cli("llada-pretrain", [f"run_dir={tmp_path / 'a'}", *common, "trainer.micro_batch_size=8"])
-    cli("llada-pretrain", [f"run_dir={tmp_path / 'b'}", *common, "trainer.micro_batch_size=4"])
+              *TOPOLOGY]
+    cli("llada-pretrain", [f"run_dir={root / 'a'}", *common, "trainer.micro_batch_size=8"])
     run(torchrun_cmd("llada_train.cli.pretrain",
-                     [f"run_dir={tmp_path / 'c'}", *common, "trainer.micro_batch_size=2"]))
+                     [f"run_dir={root / 'c'}", *common, "trainer.micro_batch_size=2"]))
     run(torchrun_cmd("llada_train.cli.pretrain",
-                     [f"run_dir={tmp_path / 'd'}", *common, "trainer.micro_batch_size=4",
+                     [f"run_dir={root / 'd'}", *common, "trainer.micro_batch_size=4",
                       "deepspeed=zero3"]))
-    ref = metrics(tmp_path / "a")
-    assert len(ref) == 4 and [m["step"] for m in ref if "val_loss" in m] == [2, 4]
-    # 1 rank x accumulation 2; 2 ranks x accumulation 2; 2 ZeRO-3 ranks x accumulation 1
-    for other in ("b", "c", "d"):
-        rows = metrics(tmp_path / other)
-        for key in ("loss", "val_loss", "val_loss_se"):
-            want = [m[key] for m in ref if key in m]
-            assert [m[key] for m in rows if key in m] == pytest.approx(want, rel=2e-5), (other, key)
+    # one rank writes the step-2 checkpoint (a later max_steps moves no step: constant schedule)
+    cli("llada-pretrain", [f"run_dir={root / 'moved'}", *common, "trainer.micro_batch_size=4",
+                           "trainer.max_steps=2"])
+    run(torchrun_cmd("llada_train.cli.pretrain",
+                     [f"run_dir={root / 'moved'}", *common, "trainer.micro_batch_size=4"]))
+    return {name: metrics(root / name) for name in ("a", "c", "d", "moved")}
+
+
+def _same_rows(rows, ref, steps, who):
+    for key in ("loss", "val_loss", "val_loss_se"):
+        want = [m[key] for m in ref if key in m and m["step"] in steps]
+        got = [m[key] for m in rows if key in m and m["step"] in steps]
+        assert got == pytest.approx(want, rel=2e-5), (who, key)
 
 
 @pytest.mark.slow
-def test_a_run_resumed_on_another_world_size_continues_the_same_masks_and_data(demo_data, tmp_path):
-    common = [f"data.path={demo_data / 'shards'}", f"data.tokenizer={demo_data / 'tokenizer.json'}",
-              "trainer.seq_len=32", "trainer.global_batch_size=8", "trainer.precision=fp32",
-              "objective.var_len_prob=0.3", "logging.log_every=1", "logging.progress_bar=false",
-              "trainer.export_at_end=false", "schedule.peak_lr=4e-4"]
-    two = ["trainer.micro_batch_size=4", "trainer.max_steps=4"]
-    run(torchrun_cmd("llada_train.cli.pretrain", [f"run_dir={tmp_path / 'whole'}", *common, *two]))
-    cli("llada-pretrain", [f"run_dir={tmp_path / 'moved'}", *common, "trainer.micro_batch_size=8",
-                           "trainer.max_steps=2"])  # one rank writes the step-2 checkpoint
-    run(torchrun_cmd("llada_train.cli.pretrain", [f"run_dir={tmp_path / 'moved'}", *common, *two]))
-    want = [m["loss"] for m in metrics(tmp_path / "whole")]
-    got = {m["step"]: m["loss"] for m in metrics(tmp_path / "moved")}  # resumed steps 3 and 4
-    assert [got[s] for s in (1, 2, 3, 4)] == pytest.approx(want, rel=2e-5)
+def test_one_rank_two_ranks_and_micro_batch_sizes_give_the_same_losses(topology_runs):
+    """Also the validation: split over two ZeRO-3 ranks (3 windows: one rank pads a dummy)."""
+    ref = topology_runs["a"]
+    assert len(ref) == 4 and [m["step"] for m in ref if "val_loss" in m] == [2, 4]
+    # 2 ranks x accumulation 2 and 2 ZeRO-3 ranks x accumulation 1, all 4 steps
+    for other in ("c", "d"):
+        _same_rows(topology_runs[other], ref, (1, 2, 3, 4), other)
+    # 1 rank x accumulation 2: the resumed run's first part (steps 1-2, ELBO at step 2)
+    _same_rows(topology_runs["moved"], ref, (1, 2), "1 rank x micro-batch 4")
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_another_world_size_continues_the_same_masks_and_data(topology_runs):
+    rows = topology_runs["moved"]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]  # steps 3 and 4 on two ranks
+    # the uninterrupted run's losses (and step 4's held-out ELBO) carry on across the move
+    _same_rows(rows, topology_runs["a"], (1, 2, 3, 4), "resumed on 2 ranks")

@@ -1,12 +1,13 @@
 """``llada-rl`` (ESPO) end to end, launched as users launch it.
 
-- One ZeRO-2 run of 4 steps with mu = 2 (two rounds of rollouts) serves: the metrics, the
+- One ZeRO-2 run of 3 steps with mu = 2 (two rounds of rollouts) serves: the metrics, the
   policy equal to the reference at step 1 (KL 0, ratio 1), and two resumes in other processes,
   one inside a round (its rollouts come from the checkpoint) and one at a round's start (the
   keyed rollout RNG draws them again): both redo the steps exactly.
 - Two ranks under ZeRO-3 with LoRA and the adapters-off reference, resumed the same way.
 - The 20-step wiring smoke on the shared GSM8K sample, with the shipped GSM8K rewards.
-- Bad runs stop with one line.
+- Bad runs stop with one line; those that stop at start-up share one import
+  (``tests/start_failures.py``), each still its own process from ``main()`` on.
 
 The rewards of an untrained model are noise, so the runs score word-count parity
 (``tests/rl_rewards.py``, a plug-in by dotted path): its groups have a spread to train on.
@@ -24,6 +25,7 @@ import pytest
 from tests.conftest import REPO
 from tests.launch_utils import launch_env, metrics, run, torchrun_cmd
 from tests.model_utils import save_tiny_model
+from tests.start_failures import start_failures
 
 pytestmark = pytest.mark.slow
 COMPARED = ("loss", "grad_norm", "rl/reward_mean", "rl/accuracy", "espo/kl", "espo/ratio_mean")
@@ -41,6 +43,7 @@ def rl_args(run_dir: Path, base: Path, demo_data: Path, *extra: str) -> list[str
         f"run_dir={run_dir}",
         f"init_from={base}",
         f"data.path={demo_data / 'rl_prompts.jsonl'}",
+        "data.limit=64",  # the 3000 prompts are rendered at every start; a few rounds use 64
         f"data.tokenizer={demo_data / 'tokenizer.json'}",
         PARITY_REWARD,
         "objective.group_size=4",
@@ -94,7 +97,8 @@ def test_espo_trains_logs_its_metrics_and_resumes_exactly_inside_and_across_roun
     base, demo_data, tmp_path
 ):
     full = tmp_path / "full"
-    code, out = run_rl(rl_args(full, base, demo_data, "trainer.max_steps=4", "trainer.save_every=1"),
+    # step 1 samples round 0, step 2 reuses it, step 3 samples round 1
+    code, out = run_rl(rl_args(full, base, demo_data, "trainer.max_steps=3", "trainer.save_every=1"),
                        tmp_path / "full.log")  # fmt: skip
     assert code == 0, out[-3000:]
     rows = metrics(full)
@@ -111,7 +115,7 @@ def test_espo_trains_logs_its_metrics_and_resumes_exactly_inside_and_across_roun
     for step, name in ((1, "inside"), (2, "across")):
         run_dir = tmp_path / name
         resume_from(full, run_dir, step)
-        code, out = run_rl(rl_args(run_dir, base, demo_data, "trainer.max_steps=4"),
+        code, out = run_rl(rl_args(run_dir, base, demo_data, "trainer.max_steps=3"),
                            tmp_path / f"{name}.log")  # fmt: skip
         assert code == 0 and "resumed from" in out, out[-3000:]
         assert_same_steps(metrics(run_dir), rows, step + 1)
@@ -154,32 +158,56 @@ def test_gsm8k_wiring_smoke_twenty_steps(base, demo_data, shared_data, tmp_path)
     assert all(0.0 <= m["rl/reward_mean"] <= 1.1 for m in rows)  # exact match + 0.1 format
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["objective.group_size=1"], "objective.group_size=1: use >= 2"),
-        (["data.rewards=[{path:'no_such_module:f'}]"],
-         "reward 'no_such_module:f' does not import (ModuleNotFoundError"),
-        (["objective.reference=lora_base"],
-         "objective.reference=lora_base is the LoRA base with the adapters off: set peft=lora"),
-        (["decode=hex"], "decode=hex gives texts, not one token canvas per row"),
-        (["decode.gen_length=200"], "decode.gen_length=200 leaves no room for prompts"),
-        (["data.rewards=[{path:'tests.rl_rewards:raises'}]"],
-         "reward tests.rl_rewards:raises failed on "),
-    ],  # fmt: skip
-)
-def test_bad_rl_runs_are_one_line(base, demo_data, tmp_path, extra, message):
-    args = rl_args(tmp_path / "run", base, demo_data, "trainer.max_steps=1", *extra)
-    if "decode=hex" in extra:  # hex has its own step settings
-        args = [a for a in args if not a.startswith(("decode.steps", "decode.block_length"))]
-    code, out = run_rl(args, tmp_path / "log")
+# bad configs that stop before any process group: (overrides, the text of the error line)
+START_FAILURES = [
+    (["objective.group_size=1"], "objective.group_size=1: use >= 2"),
+    (["data.rewards=[{path:'no_such_module:f'}]"],
+     "reward 'no_such_module:f' does not import (ModuleNotFoundError"),
+    (["objective.reference=lora_base"],
+     "objective.reference=lora_base is the LoRA base with the adapters off: set peft=lora"),
+    (["decode=hex"], "decode=hex gives texts, not one token canvas per row"),
+    (["decode.gen_length=200"], "decode.gen_length=200 leaves no room for prompts"),
+]  # fmt: skip
+
+
+def assert_one_line(code: int, out: str, message: str) -> None:
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and message in errors[0], out[-2000:]
     assert "Traceback" not in out
 
 
-def test_a_reference_of_another_architecture_is_refused(base, demo_data, tmp_path):
-    other = save_tiny_model(tmp_path / "other", n_layers=3, max_sequence_length=512)
-    code, out = run_rl(rl_args(tmp_path / "run", base, demo_data, "trainer.max_steps=1",
-                               f"objective.reference_path={other}"), tmp_path / "log")  # fmt: skip
+@pytest.fixture(scope="module")
+def bad_starts(base, demo_data, tmp_path_factory):
+    """START_FAILURES and a reference of another architecture (the last case), each from
+    ``main()`` on in its own process, all after one import (``start_failures``):
+    the other architecture's model and the results."""
+    tmp = tmp_path_factory.mktemp("bad")
+    other = save_tiny_model(tmp / "other", n_layers=3, max_sequence_length=512)
+    cases = []
+    for i, (extra, _) in enumerate(START_FAILURES):
+        args = rl_args(tmp / f"run{i}", base, demo_data, "trainer.max_steps=1", *extra)
+        if "decode=hex" in extra:  # hex has its own step settings
+            args = [a for a in args if not a.startswith(("decode.steps", "decode.block_length"))]
+        cases.append(args)
+    cases.append(rl_args(tmp / "other_run", base, demo_data, "trainer.max_steps=1",
+                         f"objective.reference_path={other}"))  # fmt: skip
+    return other, start_failures("llada_train.cli.rl", cases, tmp / "logs")
+
+
+@pytest.mark.parametrize(("case", "message"), [(i, m) for i, (_, m) in enumerate(START_FAILURES)],
+                         ids=[" ".join(e) for e, _ in START_FAILURES])  # fmt: skip
+def test_bad_rl_runs_are_one_line(bad_starts, case, message):
+    assert_one_line(*bad_starts[1][case], message)
+
+
+def test_a_reward_that_raises_stops_the_run_with_one_line(base, demo_data, tmp_path):
+    """The reward runs only on the first rollout, after the process group: a real launch."""
+    args = rl_args(tmp_path / "run", base, demo_data, "trainer.max_steps=1",
+                   "data.rewards=[{path:'tests.rl_rewards:raises'}]")  # fmt: skip
+    assert_one_line(*run_rl(args, tmp_path / "log"), "reward tests.rl_rewards:raises failed on ")
+
+
+def test_a_reference_of_another_architecture_is_refused(bad_starts):
+    other, results = bad_starts
+    code, out = results[-1]
     assert code == 2 and f"error: reference model {other} differs from the policy in n_layers" in out

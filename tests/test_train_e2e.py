@@ -15,20 +15,28 @@ def data_overrides(demo_data) -> list[str]:
     return [f"data.path={demo_data / 'shards'}", f"data.tokenizer={demo_data / 'tokenizer.json'}"]
 
 
+FAKE_KEY = "0123456789abcdef" * 2 + "fa11ed00"  # 40 hex characters, like a wandb key
+
+
 @pytest.fixture(scope="module")
 def trained(demo_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    proc = cli(
-        "llada-pretrain",
-        [
-            f"run_dir={run_dir}",
-            *data_overrides(demo_data),
-            "trainer.max_steps=30",
-            "trainer.seq_len=64",
-            "logging.log_every=1",
-            "logging.progress_bar=false",
-        ],
-    )
+    # wandb offline, with a key in the environment (where credentials come from), rides on
+    # this run for test_wandb_offline_...: a run of its own would be one more start-up
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_API_KEY", FAKE_KEY)
+        proc = cli(
+            "llada-pretrain",
+            [
+                f"run_dir={run_dir}",
+                *data_overrides(demo_data),
+                "trainer.max_steps=30",
+                "trainer.seq_len=64",
+                "logging.log_every=1",
+                "logging.progress_bar=false",
+                "logging.wandb_mode=offline",
+            ],
+        )
     return run_dir, proc
 
 
@@ -137,16 +145,12 @@ def test_keys_appended_past_the_schema_are_refused_before_anything_is_written(tm
     assert not (run_dir / "config.yaml").exists() and not (run_dir / ".hydra").exists()
 
 
-def test_wandb_offline_writes_into_the_run_dir_and_logs_no_secrets(tmp_path, demo_data, monkeypatch):
-    run_dir = tmp_path / "w"
-    fake_key = "0123456789abcdef" * 2 + "fa11ed00"  # 40 hex characters, like a wandb key
-    monkeypatch.setenv("WANDB_API_KEY", fake_key)  # credentials come from the environment only
-    cli("llada-pretrain", [f"run_dir={run_dir}", *data_overrides(demo_data), "trainer.max_steps=2",
-                           "trainer.seq_len=32", "logging.wandb_mode=offline", "logging.progress_bar=false"])
+def test_wandb_offline_writes_into_the_run_dir_and_logs_no_secrets(trained):
+    run_dir, _ = trained
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert (run_dir / "wandb_id.txt").read_text().strip() in runs[0].name
-    leaked = [p for p in run_dir.rglob("*") if p.is_file() and fake_key.encode() in p.read_bytes()]
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
     assert not leaked, leaked
 
 

@@ -6,7 +6,9 @@ under ZeRO-3 on two ranks with either reference (the frozen copy, the LoRA base)
 stop with one line.
 
 Each run is ``python -m llada_train.cli.dpo`` in its own process, as a user starts it (a
-run in a fork of the test process can deadlock on a lock another thread held at the fork)."""
+run in a fork of the test process can deadlock on a lock another thread held at the fork).
+The bad runs, which stop before any process group, share one import: each is a fork of a
+one-thread process from ``main()`` on (``tests/start_failures.py``)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from data_pipelines.sources import SourceSpec
 from tests.conftest import REPO
 from tests.launch_utils import launch_env, metrics, torchrun_cmd
 from tests.model_utils import save_tiny_model
+from tests.start_failures import start_failures
 
 pytestmark = pytest.mark.slow
 STEPS = 2  # checkpoints at both; the resumed run redoes step 2 from step 1's
@@ -159,21 +162,33 @@ def test_vrpo_trains_from_log2_logs_its_metrics_and_resumes_exactly(
     train_and_resume((base, pairs, demo_data), tmp_path, *extra, nproc=nproc)
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (
-            ["objective.reference=lora_base"],
-            "objective.reference=lora_base is the LoRA base with the adapters off: set peft=lora",
-        ),
-        (["objective=sft"], "llada-dpo trains objective=vrpo, not sft"),
-        (["init_from=null"], "llada-dpo needs init_from=<model folder>"),
-    ],
-)
-def test_bad_dpo_runs_are_one_line(base, pairs, demo_data, tmp_path, extra, message):
+BAD_RUNS = [  # (overrides, the text of the error line)
+    (
+        ["objective.reference=lora_base"],
+        "objective.reference=lora_base is the LoRA base with the adapters off: set peft=lora",
+    ),
+    (["objective=sft"], "llada-dpo trains objective=vrpo, not sft"),
+    (["init_from=null"], "llada-dpo needs init_from=<model folder>"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(base, pairs, demo_data, tmp_path_factory):
+    """Each of BAD_RUNS from ``main()`` on in its own process, all after one import
+    (``start_failures``): (run folder, exit code, output) per case."""
+    tmp = tmp_path_factory.mktemp("bad")
+    run_dirs = [tmp / f"r{i}" for i in range(len(BAD_RUNS))]
+    cases = [dpo_args(d, base, pairs, demo_data, *extra)
+             for d, (extra, _) in zip(run_dirs, BAD_RUNS, strict=True)]  # fmt: skip
+    results = start_failures("llada_train.cli.dpo", cases, tmp / "logs")
+    return [(d, code, out) for d, (code, out) in zip(run_dirs, results, strict=True)]
+
+
+@pytest.mark.parametrize(("case", "message"), [(i, m) for i, (_, m) in enumerate(BAD_RUNS)],
+                         ids=[" ".join(e) for e, _ in BAD_RUNS])  # fmt: skip
+def test_bad_dpo_runs_are_one_line(bad_runs, case, message):
     """A bad config: one ``error:`` line and exit code 2, before any process group."""
-    run_dir = tmp_path / "r"
-    code, out = run_dpo(dpo_args(run_dir, base, pairs, demo_data, *extra), tmp_path / "log")
+    run_dir, code, out = bad_runs[case]
     errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(errors) == 1 and message in errors[0], out[-2000:]
     assert not (run_dir / "config.yaml").exists()  # stopped before writing the run
