@@ -13,9 +13,12 @@ DEMO_SFT_STEPS ?= 1200
 # The chat set's answers: short ("it says quack .") is what the tiny model learns in the demo's
 # budget; sentence ("a duck says quack .") needs the subject copied back, which it does not learn.
 DEMO_ANSWERS ?= short
-# Warmup-Stable-Decay scaled to the demo's token budget (16 x 128 tokens a step): warmup 20
-# steps to 3e-3, stable, the drop to 1e-3 at 60% of the tokens, linear to 1e-4 over the last 20%
-DEMO_TOKENS = $(shell echo $$(( $(DEMO_STEPS) * 2048 )))
+# sequences a step (pre-training windows of 128 tokens; SFT dialogues)
+DEMO_BATCH ?= 16
+DEMO_SFT_BATCH ?= 16
+# Warmup-Stable-Decay scaled to the demo's token budget (DEMO_BATCH x 128 tokens a step): warmup
+# 20 steps to 3e-3, stable, the drop to 1e-3 at 60% of the tokens, linear to 1e-4 over the last 20%
+DEMO_TOKENS = $(shell echo $$(( $(DEMO_STEPS) * $(DEMO_BATCH) * 128 )))
 DEMO_WSD = schedule=wsd schedule.peak_lr=3e-3 schedule.warmup_steps=20 \
 	schedule.total_tokens=$(DEMO_TOKENS) schedule.drop_at_tokens=$(shell echo $$(( $(DEMO_TOKENS) * 6 / 10 ))) \
 	schedule.drop_lr=1e-3 schedule.decay_tokens=$(shell echo $$(( $(DEMO_TOKENS) * 2 / 10 ))) schedule.final_lr=1e-4
@@ -48,12 +51,14 @@ demo: install
 	$(PY) -m data_pipelines.demo --out $(DEMO_DIR)/data --answers $(DEMO_ANSWERS)
 	$(VENV)/bin/llada-pretrain run_dir=$(DEMO_DIR)/pretrain data=demo \
 		data.path=$(DEMO_DIR)/data/shards data.tokenizer=$(DEMO_DIR)/data/tokenizer.json \
-		trainer.max_steps=$(DEMO_STEPS) $(DEMO_WSD) logging.log_every=100 logging.progress_bar=false \
+		trainer.max_steps=$(DEMO_STEPS) trainer.global_batch_size=$(DEMO_BATCH) \
+		trainer.micro_batch_size=$(DEMO_BATCH) $(DEMO_WSD) logging.log_every=100 logging.progress_bar=false \
 		data.val_fraction=0.02 trainer.eval_every=100
 	$(VENV)/bin/llada-sft run_dir=$(DEMO_DIR)/sft init_from=$(DEMO_DIR)/pretrain/export data=sft_demo \
 		data.path=$(DEMO_DIR)/data/sft data.tokenizer=$(DEMO_DIR)/data/tokenizer.json \
 		trainer=sft_demo schedule=sft_demo schedule.peak_lr=2e-3 schedule.final_lr=2e-4 \
-		trainer.max_steps=$(DEMO_SFT_STEPS) logging.log_every=100 logging.progress_bar=false
+		trainer.max_steps=$(DEMO_SFT_STEPS) trainer.global_batch_size=$(DEMO_SFT_BATCH) \
+		trainer.micro_batch_size=$(DEMO_SFT_BATCH) logging.log_every=100 logging.progress_bar=false
 	$(VENV)/bin/llada-plot $(DEMO_DIR)/pretrain
 	$(PY) -m llada_train.cli.demo_report --run-dir $(DEMO_DIR)/pretrain --sft-dir $(DEMO_DIR)/sft \
 		--chat $(DEMO_DIR)/data/chat.jsonl
