@@ -59,14 +59,15 @@ def python_module(module: str, args: list[str], timeout: int = 300) -> subproces
     return run([sys.executable, "-m", module, *args], timeout=timeout)
 
 
-def branch_at(run_dir: Path, step: int, out: Path) -> Path:
+def branch_at(run_dir: Path, step: int, out: Path, with_metrics: bool = True) -> Path:
     """A new run dir ``out`` holding what ``run_dir`` held right after it saved step ``step``
-    (``trainer.save_every``): that checkpoint as ``latest`` and the metrics rows up to it.
-    Launching the run's command on ``out`` then resumes at ``step``, as a job pre-empted
-    after that checkpoint does."""
+    (``trainer.save_every``): that checkpoint as ``latest`` and, ``with_metrics``, the metrics
+    rows up to it. Launching the run's command on ``out`` then resumes at ``step``, as a job
+    pre-empted after that checkpoint does."""
     tag = f"step_{step:08d}"
     shutil.copytree(run_dir / "checkpoints" / tag, out / "checkpoints" / tag)
     (out / "checkpoints" / "latest").write_text(tag)
-    rows = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
-    (out / "metrics.jsonl").write_text("".join(r for r in rows if json.loads(r)["step"] <= step))
+    if with_metrics:
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+        (out / "metrics.jsonl").write_text("".join(r for r in rows if json.loads(r)["step"] <= step))
     return out

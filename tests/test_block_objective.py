@@ -290,18 +290,19 @@ def test_objective_modules_import_no_circle_and_never_the_registry():
 
     from llada_train.diffusion import OBJECTIVES
 
-    pkg = Path(__file__).resolve().parents[1] / "llada_train" / "diffusion"
+    def imported(f: Path) -> set[str]:
+        tree = ast.parse(f.read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    root = Path(__file__).resolve().parents[1]
+    pkg = root / "llada_train" / "diffusion"
     deps = {}
     for f in pkg.glob("*.py"):
-        tree = ast.parse(f.read_text())
-        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        mods = imported(f)
         deps[f.stem] = {m.rsplit(".", 1)[1] for m in mods if m.startswith("llada_train.diffusion.")}
-    root = pkg.parents[1]
     for target in OBJECTIVES.values():  # an objective may live outside the package (rl/)
         module = target.split(":")[0]
-        tree = ast.parse((root / (module.replace(".", "/") + ".py")).read_text())
-        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert "llada_train.diffusion.registry" not in imported, target
+        assert "llada_train.diffusion.registry" not in imported(root / (module.replace(".", "/") + ".py")), target
 
     def visit(node: str, path: tuple[str, ...]) -> None:
         assert node not in path, f"import cycle: {' -> '.join((*path, node))}"

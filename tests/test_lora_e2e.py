@@ -7,8 +7,6 @@ model, ZeRO-2 and ZeRO-3 agree (chunked loss included), and bad input is one lin
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -22,7 +20,7 @@ from llada_train.model import LLaDAModel, save_pretrained
 from llada_train.model.config import ModelConfig
 from llada_train.train.safe_load import torch_load
 from tests.conftest import REPO
-from tests.launch_utils import cli, metrics, run, torchrun_cmd
+from tests.launch_utils import branch_at, cli, metrics, run, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("peft")
@@ -59,12 +57,6 @@ def lora_run(base, demo_data, tmp_path_factory):
     cli("llada-sft", sft(run_dir, base, demo_data, *LORA, f"trainer.max_steps={STEPS}",
                          f"trainer.save_every={STEPS // 2}", "trainer.keep_last=3"))
     return run_dir
-
-
-def export(args: list[str]) -> None:
-    """``llada-export ARGS`` run in this process: the console script is this ``main``, so it
-    is the same code, without a fresh interpreter's seconds of imports."""
-    export_main(args)  # an error exits (SystemExit) and fails the test with its message
 
 
 GENERATE = ['prompts=["what does a cow say ?"]', "chat=true", "decode.gen_length=8",
@@ -113,9 +105,11 @@ def test_end_of_run_export_and_llada_export_agree(lora_run, tmp_path, capsys):
         f.name for f in adapter.iterdir()}
     end = load_file(merged / "model.safetensors")
     assert not any("lora" in k for k in end)
-    export(["--run-dir", str(lora_run), "--merge-lora", "--out", str(tmp_path / "m")])
-    export(["--run-dir", str(lora_run), "--out", str(tmp_path / "a")])
-    export(["--adapter", str(adapter), "--merge-lora", "--out", str(tmp_path / "m2")])
+    # llada-export's console script is this main: in-process, without a fresh interpreter's
+    # seconds of imports (an error exits, failing the test with its line)
+    export_main(["--run-dir", str(lora_run), "--merge-lora", "--out", str(tmp_path / "m")])
+    export_main(["--run-dir", str(lora_run), "--out", str(tmp_path / "a")])
+    export_main(["--adapter", str(adapter), "--merge-lora", "--out", str(tmp_path / "m2")])
     for out in ("m", "m2"):
         again = load_file(tmp_path / out / "model.safetensors")
         assert set(again) == set(end) and all(torch.equal(again[k], end[k]) for k in end)
@@ -129,10 +123,7 @@ def test_end_of_run_export_and_llada_export_agree(lora_run, tmp_path, capsys):
 
 def test_resume_from_a_mid_run_checkpoint_is_exact(lora_run, base, demo_data, tmp_path):
     half = f"step_{STEPS // 2:08d}"
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(lora_run / "checkpoints", run_dir / "checkpoints")
-    shutil.rmtree(run_dir / "checkpoints" / f"step_{STEPS:08d}")
-    (run_dir / "checkpoints" / "latest").write_text(half)
+    run_dir = branch_at(lora_run, STEPS // 2, tmp_path / "resumed", with_metrics=False)
     proc = cli("llada-sft", sft(run_dir, base, demo_data, *LORA, f"trainer.max_steps={STEPS}"))
     assert f"resumed from {run_dir / 'checkpoints' / half}" in proc.stdout
     assert [m["loss"] for m in metrics(run_dir)] == [m["loss"] for m in metrics(lora_run)][STEPS // 2:]

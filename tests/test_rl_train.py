@@ -15,7 +15,6 @@ The rewards of an untrained model are noise, so the runs score word-count parity
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.launch_utils import launch_env, metrics, run, torchrun_cmd
+from tests.launch_utils import branch_at, launch_env, metrics, run, torchrun_cmd
 from tests.model_utils import save_tiny_model
 from tests.start_failures import start_failures
 
@@ -76,15 +75,6 @@ def run_rl(overrides: list[str], log: Path, timeout_s: float = 300) -> tuple[int
     return proc.returncode, out
 
 
-def resume_from(full: Path, run_dir: Path, step: int) -> None:
-    """A run folder holding ``full``'s checkpoints up to ``step`` only."""
-    shutil.copytree(full / "checkpoints", run_dir / "checkpoints")
-    for later in (run_dir / "checkpoints").glob("step_*"):
-        if int(later.name.split("_")[1]) > step:
-            shutil.rmtree(later)
-    (run_dir / "checkpoints" / "latest").write_text(f"step_{step:08d}")
-
-
 def assert_same_steps(again: list[dict], full: list[dict], first: int) -> None:
     by_step = {m["step"]: m for m in full}
     assert [m["step"] for m in again] == list(range(first, len(full) + 1))
@@ -114,7 +104,7 @@ def test_espo_trains_logs_its_metrics_and_resumes_exactly_inside_and_across_roun
     assert rows[1]["espo/ratio_mean"] != pytest.approx(1.0, abs=1e-7)  # old != current in round 0
     for step, name in ((1, "inside"), (2, "across")):
         run_dir = tmp_path / name
-        resume_from(full, run_dir, step)
+        branch_at(full, step, run_dir, with_metrics=False)
         code, out = run_rl(rl_args(run_dir, base, demo_data, "trainer.max_steps=3"),
                            tmp_path / f"{name}.log")  # fmt: skip
         assert code == 0 and "resumed from" in out, out[-3000:]
@@ -132,8 +122,7 @@ def test_espo_on_two_ranks_under_zero3_with_lora_and_the_adapters_off_reference(
     rows = metrics(full)
     assert len(rows) == 3 and rows[0]["espo/kl"] < 1e-8  # adapters start at zero: base = policy
     assert rows[1]["espo/kl"] > 0  # the adapters moved
-    resumed = tmp_path / "resumed"
-    resume_from(full, resumed, 1)
+    resumed = branch_at(full, 1, tmp_path / "resumed", with_metrics=False)
     proc = run(torchrun_cmd("llada_train.cli.rl", rl_args(resumed, base, demo_data, *extra)))
     assert "resumed from" in proc.stdout + proc.stderr
     assert_same_steps(metrics(resumed), rows, 2)

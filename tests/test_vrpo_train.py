@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 from data_pipelines.preference_records import build_preference_records
 from data_pipelines.sources import SourceSpec
 from tests.conftest import REPO
-from tests.launch_utils import launch_env, metrics, torchrun_cmd
+from tests.launch_utils import branch_at, launch_env, metrics, torchrun_cmd
 from tests.model_utils import save_tiny_model
 from tests.start_failures import start_failures
 
@@ -129,10 +128,7 @@ def train_and_resume(data: tuple, tmp_path: Path, *extra: str, nproc: int = 1) -
     for key in ("vrpo/reward_margin", "vrpo/chosen_elbo_delta", "vrpo/rejected_elbo_delta"):
         assert abs(first[key]) < 1e-4, (key, first[key])  # at the reference: no margin
     assert abs(second["vrpo/reward_margin"]) > 1e-4
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full / "checkpoints", resumed / "checkpoints")
-    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:08d}")
-    (resumed / "checkpoints" / "latest").write_text(f"step_{STEPS - 1:08d}")
+    resumed = branch_at(full, STEPS - 1, tmp_path / "resumed", with_metrics=False)
     code, out = run_dpo(dpo_args(resumed, *args), tmp_path / "b", nproc)
     assert code == 0 and "resumed from" in out, out[-3000:]
     again = metrics(resumed)
