@@ -16,8 +16,6 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,7 @@ from llada_train.errors import LladaError
 from llada_train.train import checkpointing as ckpt
 from llada_train.train.manifest import MANIFEST, TRUST_ENV, sha256_file, verify_manifest
 from llada_train.train.safe_load import check_pickles, weights_only_loads
-from tests.launch_utils import cli, run
+from tests.forked_launches import forked_launches, launched
 
 TAG = "step_00000002"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -67,24 +65,22 @@ def overrides(demo_data: Path, run_dir: Path, steps: int, stage: int = 2, export
 
 
 @pytest.fixture(scope="module")
-def saved(demo_data, tmp_path_factory) -> Callable[[int], Path]:
-    """``saved(stage)``: a 1-rank, 2-step run of that ZeRO stage, trained once per module."""
-    runs: dict[int, Path] = {}
-
-    def get(stage: int) -> Path:
-        if stage not in runs:
-            run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
-            cli("llada-pretrain", overrides(demo_data, run_dir, 2, stage))
-            assert (run_dir / "checkpoints" / "latest").read_text() == TAG
-            runs[stage] = run_dir
-        return runs[stage]
-
-    return get
+def saved(demo_data, tmp_path_factory) -> dict[int, Path]:
+    """A 1-rank, 2-step run of each ZeRO stage (0, 2, 3), trained once per module, the three
+    after one import (``forked_launches``)."""
+    root = tmp_path_factory.mktemp("saved")
+    runs = {stage: root / f"zero{stage}" / "run" for stage in (0, 2, 3)}
+    cases = [{"argv": overrides(demo_data, run_dir, 2, stage)} for stage, run_dir in runs.items()]
+    results = forked_launches("llada_train.cli.pretrain", cases, root / "logs")
+    for (code, out), run_dir in zip(results, runs.values(), strict=True):
+        assert code == 0, out[-3000:]
+        assert (run_dir / "checkpoints" / "latest").read_text() == TAG
+    return runs
 
 
 @pytest.fixture
 def zero2_run(saved) -> Path:
-    return saved(2)
+    return saved[2]
 
 
 def copy_run(src: Path, tmp_path: Path) -> Path:
@@ -134,6 +130,55 @@ def one_error_line(proc) -> str:
     return lines[0]
 
 
+# the resume entry point with the pickle scan switched off: DeepSpeed's loads stand alone
+NO_SCAN = "import llada_train.train.checkpointing as c; c.check_pickles = lambda *a, **k: None"
+# one file per stage; resume scans every pickle, export reads each file kind in turn
+FORGED = [(0, MODEL), (2, OPTIM), (3, MODEL3)]
+
+
+def replace_with_payload(step: Path, victim: str, marker: Path) -> Path:
+    """Overwrite ``victim`` with the payload at its own size: only sha256 tells."""
+    f = step / victim
+    f.write_bytes(payload_bytes(marker, f.stat().st_size))
+    return f
+
+
+def truncate(step: Path, victim: str, marker: Path) -> Path:
+    f = step / victim
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return f
+
+
+# name -> (ZeRO stage, alteration of the saved step folder or None, victim, extra for the launch)
+RESUMES = {
+    # one file stands for all: every file of the manifest (test_save_writes_a_manifest...) goes
+    # through the same hash loop, and the model file's size check at resume is "truncated"
+    "replaced": (2, replace_with_payload, OPTIM, {}),
+    "truncated": (2, truncate, MODEL, {}),
+    **{f"forged{stage}": (stage, forge, victim, {}) for stage, victim in FORGED},
+    "no_scan": (3, forge, OPTIM, {"exec": NO_SCAN}),  # ZeRO-3's optimizer load path
+    "genuine3": (3, None, None, {"export": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def resumes(demo_data, saved, tmp_path_factory) -> dict[str, tuple]:
+    """Each RESUMES case: a copy of the saved run of its stage, altered, then resumed to step 3
+    by ``llada-pretrain`` from ``main()`` on, all after one import (``forked_launches``):
+    name -> (run dir, the altered file, its payload's marker, the launch's result)."""
+    root = tmp_path_factory.mktemp("resumes")
+    prepared, cases = {}, []
+    for name, (stage, alter, victim, extra) in RESUMES.items():
+        run_dir = copy_run(saved[stage], root / name)
+        marker = root / name / "ran"
+        f = alter(run_dir / "checkpoints" / TAG, victim, marker) if alter else None
+        prepared[name] = (run_dir, f, marker)
+        argv = overrides(demo_data, run_dir, 3, stage, export=extra.get("export", False))
+        cases.append({"argv": argv, "exec": extra.get("exec", "")})
+    results = forked_launches("llada_train.cli.pretrain", cases, root / "logs")
+    return {name: (*prepared[name], launched(r)) for name, r in zip(RESUMES, results, strict=True)}
+
+
 def test_the_payload_runs_when_unpickled_plainly(tmp_path):
     # the control: without our checks, torch.load (as DeepSpeed calls it) runs the payload
     marker = tmp_path / "ran"
@@ -152,13 +197,8 @@ def test_save_writes_a_manifest_of_every_file(zero2_run):
     assert not list((zero2_run / "checkpoints").glob(".partial_*"))
 
 
-def test_resume_refuses_a_replaced_file_and_never_runs_it(demo_data, run_copy, tmp_path):
-    # one file stands for all: every file of the manifest (the test above) goes through the
-    # same hash loop, and the model file's size check at resume is the truncated test below
-    marker = tmp_path / "ran"
-    f = run_copy / "checkpoints" / TAG / OPTIM
-    f.write_bytes(payload_bytes(marker, f.stat().st_size))  # same size: only sha256 tells
-    proc = cli("llada-pretrain", overrides(demo_data, run_copy, 3), check=False)
+def test_resume_refuses_a_replaced_file_and_never_runs_it(resumes):
+    _, f, marker, proc = resumes["replaced"]
     line = one_error_line(proc)
     assert str(f) in line and "does not match the sha256" in line and "written at save time" in line
     assert not marker.exists()
@@ -185,18 +225,13 @@ def test_export_refuses_an_added_shard(run_copy, tmp_path, capsys):
     assert not marker.exists()
 
 
-# one file per stage; resume scans every pickle, export reads each file kind in turn
-FORGED = [(0, MODEL), (2, OPTIM), (3, MODEL3)]
-
-
 @pytest.mark.parametrize("stage,victim", FORGED)
 def test_forged_file_with_a_matching_manifest_is_refused_and_never_runs(
-    demo_data, saved, tmp_path, capsys, stage, victim
+    resumes, tmp_path, capsys, stage, victim
 ):
-    run_dir = copy_run(saved(stage), tmp_path)
-    marker = tmp_path / "ran"
-    f = forge(run_dir / "checkpoints" / TAG, victim, marker)
-    line = one_error_line(cli("llada-pretrain", overrides(demo_data, run_dir, 3, stage), check=False))
+    run_dir, f, marker, proc = resumes[f"forged{stage}"]
+    assert f.name == victim
+    line = one_error_line(proc)
     assert line.startswith(f"error: {f} {REFUSED}") and "the checkpoint is refused" in line
     out = tmp_path / "export"
     line = one_error_line(export(capsys, ["--run-dir", str(run_dir), "--out", str(out)], check=False))
@@ -204,29 +239,19 @@ def test_forged_file_with_a_matching_manifest_is_refused_and_never_runs(
     assert not marker.exists() and not out.exists()
 
 
-# the resume entry point with the pickle scan switched off: DeepSpeed's loads stand alone
-NO_SCAN = ("import sys; import llada_train.train.checkpointing as c; "
-           "c.check_pickles = lambda *a, **k: None; sys.argv[0] = 'llada-pretrain'; "
-           "from llada_train.cli.pretrain import main; main()")
-
-
-def test_deepspeeds_own_loads_are_weights_only_without_the_scan(demo_data, saved, tmp_path):
-    run_dir = copy_run(saved(3), tmp_path)
-    marker = tmp_path / "ran"
-    f = forge(run_dir / "checkpoints" / TAG, OPTIM, marker)  # ZeRO-3's optimizer load path
-    proc = run([sys.executable, "-c", NO_SCAN, *overrides(demo_data, run_dir, 3, 3)], check=False)
+def test_deepspeeds_own_loads_are_weights_only_without_the_scan(resumes):
+    _, f, marker, proc = resumes["no_scan"]  # the resume with the pickle scan switched off
     line = one_error_line(proc)
     assert line.startswith(f"error: {f} {REFUSED} (Unsupported global: GLOBAL ")
     assert not marker.exists()
 
 
-def test_a_genuine_zero3_checkpoint_resumes_and_exports_weights_only(demo_data, saved, tmp_path, capsys):
+def test_a_genuine_zero3_checkpoint_resumes_and_exports_weights_only(resumes, tmp_path, capsys):
     # what a real checkpoint holds is allowlisted; the other genuine loads are tested elsewhere:
     # ZeRO-0/2 resume (test_train_e2e, the kill -9 test), ZeRO-2 export (below), ZeRO-0/3
     # export (test_train_distributed)
-    stage = 3
-    run_dir = copy_run(saved(stage), tmp_path)
-    proc = cli("llada-pretrain", overrides(demo_data, run_dir, 3, stage, export=True))
+    run_dir, _, _, proc = resumes["genuine3"]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / TAG} at step 2" in proc.stdout
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000003"
     export(capsys, ["--run-dir", str(run_dir), "--out", str(tmp_path / "offline")])
@@ -268,11 +293,10 @@ def test_weights_only_loads_covers_deepspeeds_loader_and_restores_torch(tmp_path
     assert not marker.exists()
 
 
-def test_resume_refuses_a_truncated_file(demo_data, run_copy):
-    f = run_copy / "checkpoints" / TAG / MODEL
-    size = f.stat().st_size
-    f.write_bytes(f.read_bytes()[: size // 2])
-    line = one_error_line(cli("llada-pretrain", overrides(demo_data, run_copy, 3), check=False))
+def test_resume_refuses_a_truncated_file(saved, resumes):
+    _, f, _, proc = resumes["truncated"]
+    size = (saved[2] / "checkpoints" / TAG / MODEL).stat().st_size
+    line = one_error_line(proc)
     assert f"{f} is {size // 2} bytes but was {size} when saved" in line
 
 

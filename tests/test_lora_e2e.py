@@ -3,6 +3,8 @@
 The loss falls, checkpoints hold the adapters only (a small fraction of a full run's),
 resume from a mid-run checkpoint is exact, ``llada-export`` writes the adapter or the merged
 model, ZeRO-2 and ZeRO-3 agree (chunked loss included), and bad input is one line with nothing written.
+The one-rank launches share one import (``tests/forked_launches.py``),
+each still its own process from ``main()`` on.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from llada_train.model import LLaDAModel, save_pretrained
 from llada_train.model.config import ModelConfig
 from llada_train.train.safe_load import torch_load
 from tests.conftest import REPO
-from tests.launch_utils import branch_at, cli, metrics, run, torchrun_cmd
+from tests.forked_launches import PRELOAD, forked_launches, launched
+from tests.launch_utils import metrics, run, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("peft")
@@ -52,11 +55,34 @@ def sft(run_dir, base, demo_data, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def lora_run(base, demo_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("lora") / "run"
-    cli("llada-sft", sft(run_dir, base, demo_data, *LORA, f"trainer.max_steps={STEPS}",
-                         f"trainer.save_every={STEPS // 2}", "trainer.keep_last=3"))
-    return run_dir
+def one_rank(base, demo_data, tmp_path_factory):
+    """Every one-rank ``llada-sft`` launch of this module, each from ``main()`` on in its own
+    process, all after one import (``forked_launches``): (run dirs, results) by name. In order:
+    the LoRA run, a full run of one step (its checkpoint's size), bad LoRA input, the LoRA run
+    resumed from a ``branch_at`` copy of its mid-run checkpoint, and that folder run again
+    without LoRA."""
+    tmp = tmp_path_factory.mktemp("lora")
+    runs = {name: tmp / name for name in ("run", "full", "bad", "resumed")}
+    cases = {
+        "run": {"argv": sft(runs["run"], base, demo_data, *LORA, f"trainer.max_steps={STEPS}",
+                            f"trainer.save_every={STEPS // 2}", "trainer.keep_last=3")},
+        "full": {"argv": sft(runs["full"], base, demo_data, "trainer.max_steps=1",
+                             "trainer.export_at_end=false")},
+        "bad": {"argv": sft(runs["bad"], base, demo_data, "peft=lora", "peft.target_modules=[q_proj,qkv]")},
+        "resumed": {"argv": sft(runs["resumed"], base, demo_data, *LORA, f"trainer.max_steps={STEPS}"),
+                    "branch": [str(runs["run"]), STEPS // 2, str(runs["resumed"])]},
+        "no_lora": {"argv": sft(runs["resumed"], base, demo_data, f"trainer.max_steps={STEPS + 1}")},
+    }  # fmt: skip
+    results = forked_launches("llada_train.cli.sft", list(cases.values()), tmp / "logs",
+                              preload=(*PRELOAD, "peft"))  # fmt: skip
+    return runs, {name: launched(r) for name, r in zip(cases, results, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def lora_run(one_rank):
+    proc = one_rank[1]["run"]
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return one_rank[0]["run"]
 
 
 GENERATE = ['prompts=["what does a cow say ?"]', "chat=true", "decode.gen_length=8",
@@ -78,7 +104,7 @@ def _size(folder) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def test_lora_sft_loss_falls_and_checkpoints_hold_only_adapters(lora_run, base, demo_data, tmp_path):
+def test_lora_sft_loss_falls_and_checkpoints_hold_only_adapters(lora_run, one_rank, base):
     losses = [m["loss"] for m in metrics(lora_run)]
     start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     print(f"LoRA SFT loss: first 3 steps {start:.3f}, last 5 steps {end:.3f}")
@@ -86,9 +112,9 @@ def test_lora_sft_loss_falls_and_checkpoints_hold_only_adapters(lora_run, base, 
     step = lora_run / "checkpoints" / f"step_{STEPS:08d}"
     module = torch_load(step / "mp_rank_00_model_states.pt")["module"]
     assert module and all(".lora_A.default." in k or ".lora_B.default." in k for k in module)
-    full_dir = tmp_path / "full"
-    cli("llada-sft", sft(full_dir, base, demo_data, "trainer.max_steps=1", "trainer.export_at_end=false"))
-    full = full_dir / "checkpoints" / "step_00000001"
+    runs, results = one_rank
+    assert results["full"].returncode == 0, results["full"].stdout[-3000:]
+    full = runs["full"] / "checkpoints" / "step_00000001"
     trainable = sum(v.numel() for v in module.values())
     total = sum(v.numel() for v in load_file(base / "model.safetensors").values())
     ratio = _size(step) / _size(full)
@@ -121,18 +147,17 @@ def test_end_of_run_export_and_llada_export_agree(lora_run, tmp_path, capsys):
     assert via_adapter == generated(merged, capsys)
 
 
-def test_resume_from_a_mid_run_checkpoint_is_exact(lora_run, base, demo_data, tmp_path):
+def test_resume_from_a_mid_run_checkpoint_is_exact(lora_run, one_rank):
     half = f"step_{STEPS // 2:08d}"
-    run_dir = branch_at(lora_run, STEPS // 2, tmp_path / "resumed", with_metrics=False)
-    proc = cli("llada-sft", sft(run_dir, base, demo_data, *LORA, f"trainer.max_steps={STEPS}"))
+    run_dir, proc = one_rank[0]["resumed"], one_rank[1]["resumed"]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / half}" in proc.stdout
     assert [m["loss"] for m in metrics(run_dir)] == [m["loss"] for m in metrics(lora_run)][STEPS // 2:]
     a = load_file(lora_run / "adapter" / "adapter_model.safetensors")
     b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the same run_dir without LoRA (or other adapters) is refused, not silently mis-loaded
-    proc = cli("llada-sft", sft(run_dir, base, demo_data, f"trainer.max_steps={STEPS + 1}"), check=False)
-    assert "written with peft=lora r=16" in _error_line(proc)
+    assert "written with peft=lora r=16" in _error_line(one_rank[1]["no_lora"])
 
 
 def test_zero2_and_zero3_train_the_same_adapters(base, demo_data, tmp_path):
@@ -155,9 +180,7 @@ def _error_line(proc) -> str:
     return lines[0]
 
 
-def test_bad_lora_input_is_one_line_and_writes_nothing(base, demo_data, tmp_path):
-    run_dir = tmp_path / "bad"
-    proc = cli("llada-sft", sft(run_dir, base, demo_data, "peft=lora", "peft.target_modules=[q_proj,qkv]"),
-               check=False)
+def test_bad_lora_input_is_one_line_and_writes_nothing(one_rank):
+    run_dir, proc = one_rank[0]["bad"], one_rank[1]["bad"]
     assert "'qkv' matches no Linear module" in _error_line(proc)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "export").exists()

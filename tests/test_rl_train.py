@@ -6,8 +6,11 @@
   keyed rollout RNG draws them again): both redo the steps exactly.
 - Two ranks under ZeRO-3 with LoRA and the adapters-off reference, resumed the same way.
 - The 20-step wiring smoke on the shared GSM8K sample, with the shipped GSM8K rewards.
-- Bad runs stop with one line; those that stop at start-up share one import
-  (``tests/start_failures.py``), each still its own process from ``main()`` on.
+- Bad runs stop with one line.
+
+The one-rank launches (the ZeRO-2 run and its resumes, the smoke, the bad runs) share one
+import (``tests/forked_launches.py``): each is still its own
+process from ``main()`` on to the interpreter's end.
 
 The rewards of an untrained model are noise, so the runs score word-count parity
 (``tests/rl_rewards.py``, a plug-in by dotted path): its groups have a spread to train on.
@@ -15,16 +18,14 @@ The rewards of an untrained model are noise, so the runs score word-count parity
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.launch_utils import branch_at, launch_env, metrics, run, torchrun_cmd
+from tests.conftest import SHARED_DATA
+from tests.forked_launches import forked_launches
+from tests.launch_utils import branch_at, metrics, run, torchrun_cmd
 from tests.model_utils import save_tiny_model
-from tests.start_failures import start_failures
 
 pytestmark = pytest.mark.slow
 COMPARED = ("loss", "grad_norm", "rl/reward_mean", "rl/accuracy", "espo/kl", "espo/ratio_mean")
@@ -66,15 +67,6 @@ def rl_args(run_dir: Path, base: Path, demo_data: Path, *extra: str) -> list[str
     ]
 
 
-def run_rl(overrides: list[str], log: Path, timeout_s: float = 300) -> tuple[int, str]:
-    """``python -m llada_train.cli.rl overrides`` as a user runs it: (exit code, output)."""
-    proc = subprocess.run([sys.executable, "-m", "llada_train.cli.rl", *overrides], cwd=REPO,
-                          env=launch_env(), capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
-    out = proc.stdout + proc.stderr
-    log.write_text(out)
-    return proc.returncode, out
-
-
 def assert_same_steps(again: list[dict], full: list[dict], first: int) -> None:
     by_step = {m["step"]: m for m in full}
     assert [m["step"] for m in again] == list(range(first, len(full) + 1))
@@ -83,13 +75,10 @@ def assert_same_steps(again: list[dict], full: list[dict], first: int) -> None:
             assert m[key] == pytest.approx(by_step[m["step"]][key], rel=1e-6, abs=1e-7), (m["step"], key)
 
 
-def test_espo_trains_logs_its_metrics_and_resumes_exactly_inside_and_across_rounds(
-    base, demo_data, tmp_path
-):
-    full = tmp_path / "full"
-    # step 1 samples round 0, step 2 reuses it, step 3 samples round 1
-    code, out = run_rl(rl_args(full, base, demo_data, "trainer.max_steps=3", "trainer.save_every=1"),
-                       tmp_path / "full.log")  # fmt: skip
+def test_espo_trains_logs_its_metrics_and_resumes_exactly_inside_and_across_rounds(one_rank):
+    runs, results = one_rank
+    full = runs["full"]
+    code, out = results["full"]
     assert code == 0, out[-3000:]
     rows = metrics(full)
     print("ESPO losses:", [round(m["loss"], 5) for m in rows])
@@ -103,12 +92,9 @@ def test_espo_trains_logs_its_metrics_and_resumes_exactly_inside_and_across_roun
     assert any(m["espo/zero_std_groups"] < 2 for m in rows)  # groups with a spread trained
     assert rows[1]["espo/ratio_mean"] != pytest.approx(1.0, abs=1e-7)  # old != current in round 0
     for step, name in ((1, "inside"), (2, "across")):
-        run_dir = tmp_path / name
-        branch_at(full, step, run_dir, with_metrics=False)
-        code, out = run_rl(rl_args(run_dir, base, demo_data, "trainer.max_steps=3"),
-                           tmp_path / f"{name}.log")  # fmt: skip
+        code, out = results[name]
         assert code == 0 and "resumed from" in out, out[-3000:]
-        assert_same_steps(metrics(run_dir), rows, step + 1)
+        assert_same_steps(metrics(runs[name]), rows, step + 1)
 
 
 def test_espo_on_two_ranks_under_zero3_with_lora_and_the_adapters_off_reference(
@@ -128,10 +114,8 @@ def test_espo_on_two_ranks_under_zero3_with_lora_and_the_adapters_off_reference(
     assert_same_steps(metrics(resumed), rows, 2)
 
 
-def test_gsm8k_wiring_smoke_twenty_steps(base, demo_data, shared_data, tmp_path):
-    """The GSM8K recipe's data, rewards and sampler on the tiny model (no learning expected)."""
-    run_dir = tmp_path / "gsm8k"
-    code, out = run_rl([
+def gsm8k_args(run_dir: Path, base: Path, demo_data: Path, shared_data: Path) -> list[str]:
+    return [
         f"run_dir={run_dir}", f"init_from={base}", "data=gsm8k_rl",
         f"data.path={shared_data / 'gsm8k' / 'train.jsonl'}", "data.limit=40",
         f"data.tokenizer={demo_data / 'tokenizer.json'}", "trainer.seq_len=512",
@@ -139,9 +123,15 @@ def test_gsm8k_wiring_smoke_twenty_steps(base, demo_data, shared_data, tmp_path)
         "trainer.export_at_end=false", "objective.group_size=2", "objective.inner_iterations=4",
         "decode.gen_length=16", "decode.steps=8", "decode.block_length=16",
         "logging.progress_bar=false", "logging.log_every=1",
-    ], tmp_path / "gsm8k.log")  # fmt: skip
+    ]  # fmt: skip
+
+
+def test_gsm8k_wiring_smoke_twenty_steps(one_rank, shared_data):
+    """The GSM8K recipe's data, rewards and sampler on the tiny model (no learning expected)."""
+    runs, results = one_rank
+    code, out = results["gsm8k"]
     assert code == 0, out[-3000:]
-    rows = metrics(run_dir)
+    rows = metrics(runs["gsm8k"])
     assert [m["step"] for m in rows] == list(range(1, 21))
     assert sum(m["rl/rollout_s"] > 0 for m in rows) == 5  # one round of rollouts per 4 steps
     assert all(0.0 <= m["rl/reward_mean"] <= 1.1 for m in rows)  # exact match + 0.1 format
@@ -166,37 +156,53 @@ def assert_one_line(code: int, out: str, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bad_starts(base, demo_data, tmp_path_factory):
-    """START_FAILURES and a reference of another architecture (the last case), each from
-    ``main()`` on in its own process, all after one import (``start_failures``):
-    the other architecture's model and the results."""
-    tmp = tmp_path_factory.mktemp("bad")
-    other = save_tiny_model(tmp / "other", n_layers=3, max_sequence_length=512)
-    cases = []
+def one_rank(base, demo_data, tmp_path_factory):
+    """Every one-rank launch of this module, each from ``main()`` on in its own process, all
+    after one import (``forked_launches``): (run dirs, results) by name. In order: the bad runs
+    (START_FAILURES as ``bad<i>``, a reference of another architecture as ``other``, a reward
+    that raises), the GSM8K smoke (with ``../shared/data``), the ZeRO-2 run of 3 steps saving
+    each (step 1 samples round 0, step 2 reuses it, step 3 samples round 1) and its resumes from
+    step 1 (inside a round) and step 2 (across), each on a ``branch_at`` copy of its checkpoint."""
+    tmp = tmp_path_factory.mktemp("rl")
+    runs, cases = {}, {}
     for i, (extra, _) in enumerate(START_FAILURES):
-        args = rl_args(tmp / f"run{i}", base, demo_data, "trainer.max_steps=1", *extra)
+        args = rl_args(tmp / f"bad{i}", base, demo_data, "trainer.max_steps=1", *extra)
         if "decode=hex" in extra:  # hex has its own step settings
             args = [a for a in args if not a.startswith(("decode.steps", "decode.block_length"))]
-        cases.append(args)
-    cases.append(rl_args(tmp / "other_run", base, demo_data, "trainer.max_steps=1",
-                         f"objective.reference_path={other}"))  # fmt: skip
-    return other, start_failures("llada_train.cli.rl", cases, tmp / "logs")
+        cases[f"bad{i}"] = {"argv": args}
+    runs["other"] = save_tiny_model(tmp / "other", n_layers=3, max_sequence_length=512)
+    cases["other"] = {"argv": rl_args(tmp / "other_run", base, demo_data, "trainer.max_steps=1",
+                                      f"objective.reference_path={runs['other']}")}  # fmt: skip
+    # the reward runs only on the first rollout, after the process group
+    cases["raises"] = {"argv": rl_args(tmp / "raises", base, demo_data, "trainer.max_steps=1",
+                                       "data.rewards=[{path:'tests.rl_rewards:raises'}]")}  # fmt: skip
+    if SHARED_DATA.is_dir():  # else its test skips (the shared_data fixture)
+        runs["gsm8k"] = tmp / "gsm8k"
+        cases["gsm8k"] = {"argv": gsm8k_args(runs["gsm8k"], base, demo_data, SHARED_DATA)}
+    runs["full"] = tmp / "full"
+    cases["full"] = {"argv": rl_args(runs["full"], base, demo_data, "trainer.max_steps=3",
+                                     "trainer.save_every=1")}  # fmt: skip
+    for step, name in ((1, "inside"), (2, "across")):
+        runs[name] = tmp / name
+        cases[name] = {"argv": rl_args(runs[name], base, demo_data, "trainer.max_steps=3"),
+                       "branch": [str(runs["full"]), step, str(runs[name])]}  # fmt: skip
+    results = forked_launches("llada_train.cli.rl", list(cases.values()), tmp / "logs")
+    return runs, dict(zip(cases, results, strict=True))
 
 
 @pytest.mark.parametrize(("case", "message"), [(i, m) for i, (_, m) in enumerate(START_FAILURES)],
                          ids=[" ".join(e) for e, _ in START_FAILURES])  # fmt: skip
-def test_bad_rl_runs_are_one_line(bad_starts, case, message):
-    assert_one_line(*bad_starts[1][case], message)
+def test_bad_rl_runs_are_one_line(one_rank, case, message):
+    assert_one_line(*one_rank[1][f"bad{case}"], message)
 
 
-def test_a_reward_that_raises_stops_the_run_with_one_line(base, demo_data, tmp_path):
-    """The reward runs only on the first rollout, after the process group: a real launch."""
-    args = rl_args(tmp_path / "run", base, demo_data, "trainer.max_steps=1",
-                   "data.rewards=[{path:'tests.rl_rewards:raises'}]")  # fmt: skip
-    assert_one_line(*run_rl(args, tmp_path / "log"), "reward tests.rl_rewards:raises failed on ")
+def test_a_reward_that_raises_stops_the_run_with_one_line(one_rank):
+    """The reward runs only on the first rollout, after the process group: a launch from
+    ``main()`` on to the interpreter's end."""
+    assert_one_line(*one_rank[1]["raises"], "reward tests.rl_rewards:raises failed on ")
 
 
-def test_a_reference_of_another_architecture_is_refused(bad_starts):
-    other, results = bad_starts
-    code, out = results[-1]
-    assert code == 2 and f"error: reference model {other} differs from the policy in n_layers" in out
+def test_a_reference_of_another_architecture_is_refused(one_rank):
+    runs, results = one_rank
+    code, out = results["other"]
+    assert code == 2 and f"error: reference model {runs['other']} differs from the policy in n_layers" in out

@@ -8,7 +8,7 @@ stop with one line.
 Each run is ``python -m llada_train.cli.dpo`` in its own process, as a user starts it (a
 run in a fork of the test process can deadlock on a lock another thread held at the fork).
 The bad runs, which stop before any process group, share one import: each is a fork of a
-one-thread process from ``main()`` on (``tests/start_failures.py``)."""
+one-thread process from ``main()`` on (``tests/forked_launches.py``)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import pytest
 from data_pipelines.preference_records import build_preference_records
 from data_pipelines.sources import SourceSpec
 from tests.conftest import REPO
+from tests.forked_launches import forked_launches
 from tests.launch_utils import branch_at, launch_env, metrics, torchrun_cmd
 from tests.model_utils import save_tiny_model
-from tests.start_failures import start_failures
 
 pytestmark = pytest.mark.slow
 STEPS = 2  # checkpoints at both; the resumed run redoes step 2 from step 1's
@@ -171,12 +171,12 @@ BAD_RUNS = [  # (overrides, the text of the error line)
 @pytest.fixture(scope="module")
 def bad_runs(base, pairs, demo_data, tmp_path_factory):
     """Each of BAD_RUNS from ``main()`` on in its own process, all after one import
-    (``start_failures``): (run folder, exit code, output) per case."""
+    (``forked_launches``): (run folder, exit code, output) per case."""
     tmp = tmp_path_factory.mktemp("bad")
     run_dirs = [tmp / f"r{i}" for i in range(len(BAD_RUNS))]
-    cases = [dpo_args(d, base, pairs, demo_data, *extra)
+    cases = [{"argv": dpo_args(d, base, pairs, demo_data, *extra)}
              for d, (extra, _) in zip(run_dirs, BAD_RUNS, strict=True)]  # fmt: skip
-    results = start_failures("llada_train.cli.dpo", cases, tmp / "logs")
+    results = forked_launches("llada_train.cli.dpo", cases, tmp / "logs", preload=())
     return [(d, code, out) for d, (code, out) in zip(run_dirs, results, strict=True)]
 
 
