@@ -51,6 +51,15 @@ def cli(name: str, args: list[str], timeout: int = 300, check: bool = True) -> s
     return run([str(BIN / name), *args], timeout=timeout, check=check)
 
 
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line a failed run printed on stderr (a non-zero exit, no traceback)."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -15,8 +15,8 @@ from llada_train.model.checkpoint import SINGLE_NAME, load_pretrained, read_conf
 from llada_train.model.config import ModelConfig
 from llada_train.model.transformer import LLaDAModel
 from llada_train.train.build import check_init_from
-from tests.launch_utils import cli
-from tests.test_checkpoint_security import Payload, one_error_line
+from tests.launch_utils import cli, one_error_line
+from tests.test_checkpoint_security import Payload
 
 
 @pytest.fixture(scope="module")

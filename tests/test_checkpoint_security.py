@@ -30,6 +30,7 @@ from llada_train.train import checkpointing as ckpt
 from llada_train.train.manifest import MANIFEST, TRUST_ENV, sha256_file, verify_manifest
 from llada_train.train.safe_load import check_pickles, weights_only_loads
 from tests.forked_launches import forked_launches, launched
+from tests.launch_utils import one_error_line
 
 TAG = "step_00000002"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -120,14 +121,6 @@ def export(capsys, args: list[str], check: bool = True) -> subprocess.CompletedP
     proc = subprocess.CompletedProcess(["llada-export", *args], code, out.out, out.err)
     assert not check or code == 0, f"llada-export {args} failed ({code}):\n{out.err[-5000:]}"
     return proc
-
-
-def one_error_line(proc) -> str:
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[0]
 
 
 # the resume entry point with the pickle scan switched off: DeepSpeed's loads stand alone

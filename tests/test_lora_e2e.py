@@ -23,7 +23,7 @@ from llada_train.model.config import ModelConfig
 from llada_train.train.safe_load import torch_load
 from tests.conftest import REPO
 from tests.forked_launches import PRELOAD, forked_launches, launched
-from tests.launch_utils import metrics, run, torchrun_cmd
+from tests.launch_utils import metrics, one_error_line, run, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("peft")
@@ -157,7 +157,7 @@ def test_resume_from_a_mid_run_checkpoint_is_exact(lora_run, one_rank):
     b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the same run_dir without LoRA (or other adapters) is refused, not silently mis-loaded
-    assert "written with peft=lora r=16" in _error_line(one_rank[1]["no_lora"])
+    assert "written with peft=lora r=16" in one_error_line(one_rank[1]["no_lora"])
 
 
 def test_zero2_and_zero3_train_the_same_adapters(base, demo_data, tmp_path):
@@ -173,14 +173,7 @@ def test_zero2_and_zero3_train_the_same_adapters(base, demo_data, tmp_path):
         [m["loss"] for m in metrics(tmp_path / "z3")], abs=1e-5)
 
 
-def _error_line(proc) -> str:
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    return lines[0]
-
-
 def test_bad_lora_input_is_one_line_and_writes_nothing(one_rank):
     run_dir, proc = one_rank[0]["bad"], one_rank[1]["bad"]
-    assert "'qkv' matches no Linear module" in _error_line(proc)
+    assert "'qkv' matches no Linear module" in one_error_line(proc)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "export").exists()

@@ -12,8 +12,8 @@ from llada_train.chat import ChatEncoder
 from llada_train.model import load_pretrained
 from llada_train.sample import generate
 from llada_train.tokenizer import load_tokenizer
-from tests.forked_launches import forked_launches
-from tests.launch_utils import cli, metrics, run, torchrun_cmd
+from tests.forked_launches import forked_launches, launched
+from tests.launch_utils import cli, metrics, one_error_line, run, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -106,13 +106,6 @@ def test_sft_under_zero3_loads_the_same_weights_as_zero0(base_export, demo_data,
     assert first[3] == pytest.approx(first[0], abs=1e-6)
 
 
-def _error_line(code: int, out: str) -> str:
-    assert code != 0
-    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in out, out[-2000:]
-    return lines[0]
-
-
 def test_init_from_a_folder_with_a_missing_shard_or_wrong_config(base_export, demo_data, tmp_path):
     """Both stop in ``preflight``, before any process group: each is ``llada-sft``'s ``main()``
     in a fork of one process that imported it once (``tests/forked_launches.py``)."""
@@ -128,8 +121,8 @@ def test_init_from_a_folder_with_a_missing_shard_or_wrong_config(base_export, de
     cases = [{"argv": sft_args(tmp_path / run_dir, init_from, demo_data / "sft", demo_data / "tokenizer.json")}
              for run_dir, init_from in (("a", sharded), ("b", wrong))]  # fmt: skip
     missing, mismatch = forked_launches("llada_train.cli.sft", cases, tmp_path / "logs", preload=())
-    assert "model-00002-of" in _error_line(*missing)
-    assert "match config.json" in _error_line(*mismatch)
+    assert "model-00002-of" in one_error_line(launched(missing))
+    assert "match config.json" in one_error_line(launched(mismatch))
 
 
 def test_pretrain_export_then_sft_on_gsm8k_loss_falls(shared_data, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llada_train.cli.export import main as llada_export
+from llada_train.cli.export import main as export_main
 from tests.conftest import REPO
 from tests.launch_utils import launch_env, metrics, run, torchrun_cmd
 
@@ -82,14 +82,14 @@ def test_zero3_export_equals_zero0_weights(zero_runs, tmp_path):
     # the offline exporter reads the ZeRO-3 shards back to the same weights (its `main` in this
     # process: the point is what it reads, not its launch, which tests/test_block_train.py and
     # tests/test_moe_bias_zero3.py launch as the console script)
-    llada_export(["--run-dir", str(zero_runs[3]), "--out", str(tmp_path / "offline")])
+    export_main(["--run-dir", str(zero_runs[3]), "--out", str(tmp_path / "offline")])
     offline = load_file(tmp_path / "offline" / "model.safetensors")
     for k in w3:
         assert torch.equal(offline[k], w3[k]), k
 
 
 def test_stage0_offline_export_equals_live_export(zero_runs, tmp_path):
-    llada_export(["--run-dir", str(zero_runs[0]), "--out", str(tmp_path / "offline")])
+    export_main(["--run-dir", str(zero_runs[0]), "--out", str(tmp_path / "offline")])
     live = load_file(zero_runs[0] / "export" / "model.safetensors")
     offline = load_file(tmp_path / "offline" / "model.safetensors")
     assert all(torch.equal(live[k], offline[k]) for k in live)
